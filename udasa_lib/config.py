@@ -1,0 +1,221 @@
+"""Strict configuration: YAML -> frozen dataclasses, and the deterministic run id.
+
+A config file has one section per stage (house style: one stage, one name, four places).
+`inherit: other.yaml` deep-merges this file over another, so configs/smoke.yaml and
+configs/paper.yaml only state what differs from configs/default.yaml.
+Every key is required, unknown keys and wrong types are errors naming the dotted key.
+The `runtime` section says where and how fast to run, not what to compute, so it is left
+out of the run id and of every stage key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from udasa_lib.io import sha256_json
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the file and the dotted key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str  # hub id or local folder; relative paths resolve against the repo root
+    dtype: str  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    threads: int  # torch CPU threads; 0 = torch's default. UDASA_THREADS overrides it
+    device: str  # auto | cpu | cuda
+    num_processes: int  # >1 runs the stage's heavy part under `accelerate launch` (one per GPU)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    split_seed: int  # seeds every train/test split
+    harmful_test_fraction: float  # of AdvBench + Do-Not-Answer prompts held out
+    benign_test_fraction: float  # of the project's benign instructions held out
+    truthful_max_choices: int  # options per multiple-choice question
+    sentiment_prefix_min_tokens: int  # IMDb prompt prefix length range (DPO paper: 2-8)
+    sentiment_prefix_max_tokens: int
+    sentiment_train_prompts: int
+    sentiment_test_prompts: int
+    sentiment_classifier_reviews: int  # reviews reserved for the ground-truth classifier
+
+
+@dataclass(frozen=True)
+class SampleTask:
+    sources: dict[str, int]  # data split name -> number of prompts taken from it
+    max_new_tokens: int
+    chat_template: bool  # wrap the prompt as a user turn (instruction tasks) or continue raw text
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    k: int  # responses per prompt
+    temperature: float
+    top_p: float
+    top_k: int  # 0 disables top-k (transformers' own default is 50, which is not plain sampling)
+    batch_prompts: int  # prompts per generate call; each expands to k sequences
+    tasks: dict[str, SampleTask]
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int
+    model: ModelConfig
+    runtime: RuntimeConfig
+    data: DataConfig
+    sample: SampleConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+HASH_EXCLUDED_SECTIONS = ("runtime",)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping (section {tp.__name__}), got {value!r}")
+        return build_dataclass(tp, value, key)
+    if origin in (dict, Mapping):
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {
+            _coerce(k, key_type, f"{key}.{k}"): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()
+        }
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} matches none of {[_type_name(o) for o in options]}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+
+
+def build_dataclass(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    dotted = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key {dotted(unknown[0])!r} (allowed here: {', '.join(names)})")
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise ConfigError(f"missing key {dotted(missing[0])!r}")
+    return cls(**{n: _coerce(data[n], hints[n], dotted(n)) for n in names})
+
+
+def _deep_merge(base: dict, over: Mapping) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_raw(path: Path | str) -> dict:
+    """Read a config YAML with its `inherit` chain merged, before validation."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    parent = data.pop("inherit", None)
+    if parent is not None:
+        data = _deep_merge(load_raw(path.parent / parent), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`sample.k=8` -> ("sample.k", 8); the value is read as YAML so types survive."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def apply_overrides(data: dict, overrides: Mapping[str, Any]) -> dict:
+    data = json.loads(json.dumps(data))  # deep copy of plain YAML types
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {dotted!r}: unknown key {part!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {dotted!r}: unknown key {parts[-1]!r}")
+        node[parts[-1]] = value
+    return data
+
+
+def resolve(path: Path | str, overrides: Mapping[str, Any] | None = None) -> Config:
+    raw = apply_overrides(load_raw(path), overrides or {})
+    try:
+        return build_dataclass(Config, raw)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def hashed_params(config: Config) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in HASH_EXCLUDED_SECTIONS}
+
+
+def run_id(config: Config, name: str) -> str:
+    """Config name + the first 8 hex digits of the hash of its resolved parameters."""
+    return f"{name}-{sha256_json(hashed_params(config))[:8]}"

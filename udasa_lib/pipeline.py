@@ -1,0 +1,316 @@
+"""The stage graph, content-addressed stage folders, manifests, and the papermill runner.
+
+Layout of results/ (everything in it is made, and deletable):
+
+    results/<run_id>/config.json          the resolved config of the run
+    results/<run_id>/NN_<stage>  ->  results/.stages/NN_<stage>/<key>/   (relative symlink)
+    results/.stages/NN_<stage>/<key>/      the stage's outputs, executed notebook, manifest.json
+
+A stage's key hashes what determines its outputs: its config sections, the seed, the keys of
+its upstream stages, the code of its notebook and module, and its data inputs. Two runs that
+agree on all of that share the stage folder, so changing a training knob reruns training and
+what follows it, never sampling. A stage is done only once manifest.json is in its folder;
+an interrupted stage keeps its partial work in the same keyed folder and resumes there.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from udasa_lib import REPO_ROOT
+from udasa_lib import config as config_mod
+from udasa_lib.io import atomic_write_json, sha256_file, sha256_json
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    sections: tuple[str, ...]  # config sections the stage reads
+    upstream: tuple[str, ...]
+    code: tuple[str, ...]  # repo-relative files whose content defines the computation
+    inputs: tuple[str, ...] = ()  # repo-relative data files read directly
+
+    @property
+    def notebook(self) -> Path:
+        return REPO_ROOT / "notebooks" / f"{self.name}.ipynb"
+
+
+STAGES: dict[str, StageSpec] = {
+    spec.name: spec
+    for spec in (
+        StageSpec(
+            "00_data",
+            sections=("data",),
+            upstream=(),
+            code=("notebooks/00_data.ipynb", "udasa_lib/data.py", "udasa_lib/truthful_mc.py", "udasa_lib/assets.py"),
+            inputs=("data/benign_instructions.jsonl",),
+        ),
+        StageSpec(
+            "01_sample",
+            sections=("model", "sample"),
+            upstream=("00_data",),
+            code=("notebooks/01_sample.ipynb", "udasa_lib/sample.py", "udasa_lib/models.py"),
+        ),
+    )
+}
+
+MANIFEST = "manifest.json"
+PACKAGES_RECORDED = (
+    "torch", "transformers", "tokenizers", "accelerate", "peft", "trl", "datasets", "lm_eval",
+    "papermill", "sentence-transformers", "scikit-learn", "numpy", "pandas",
+)
+
+
+class StageError(RuntimeError):
+    """A stage cannot run or did not finish; the message names the stage."""
+
+
+def results_root() -> Path:
+    return Path(os.environ.get("UDASA_RESULTS", REPO_ROOT / "results")).resolve()
+
+
+def _code_fingerprint(relpath: str) -> str:
+    path = REPO_ROOT / relpath
+    if not path.exists():
+        return "absent"
+    if path.suffix == ".ipynb":
+        # Only code cells define the computation; outputs and markdown edits must not rerun a stage.
+        notebook = json.loads(path.read_text())
+        sources = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+        return sha256_json(sources)
+    return sha256_file(path)
+
+
+def stage_key(config: config_mod.Config, stage: str) -> str:
+    spec = STAGES[stage]
+    payload = {
+        "stage": stage,
+        "seed": config.seed,
+        "params": {s: _as_plain(config.section(s)) for s in spec.sections},
+        "upstream": {u: stage_key(config, u) for u in spec.upstream},
+        "code": {f: _code_fingerprint(f) for f in spec.code},
+        "inputs": {f: sha256_file(REPO_ROOT / f) for f in spec.inputs},
+    }
+    return sha256_json(payload)[:16]
+
+
+def _as_plain(section: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
+
+
+@dataclass
+class StageRun:
+    """What a stage notebook needs: its config, its folder, and its upstream folders."""
+
+    name: str
+    config: config_mod.Config
+    run_id: str
+    key: str
+    dir: Path
+    run_dir: Path
+    upstream: dict[str, Path] = field(default_factory=dict)
+    config_path: Path | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    run_name: str = ""
+
+    def params(self) -> dict[str, Any]:
+        return {s: _as_plain(self.config.section(s)) for s in STAGES[self.name].sections}
+
+
+def run_name_for(config_path: Path | str, run_name: str | None = None) -> str:
+    return run_name or Path(config_path).stem
+
+
+def open_stage(
+    stage: str,
+    config_path: Path | str,
+    overrides: Mapping[str, Any] | str | None = None,
+    run_name: str | None = None,
+) -> StageRun:
+    """Resolve the config, check upstream stages are done, and create this stage's folder."""
+    if stage not in STAGES:
+        raise StageError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    if isinstance(overrides, str):
+        overrides = json.loads(overrides or "{}")
+    config_path = _repo_path(config_path)
+    cfg = config_mod.resolve(config_path, overrides)
+    rid = config_mod.run_id(cfg, run_name_for(config_path, run_name))
+    root = results_root()
+    run_dir = root / rid
+    key = stage_key(cfg, stage)
+    store = root / ".stages" / stage / key
+    upstream = {}
+    for up in STAGES[stage].upstream:
+        up_dir = root / ".stages" / up / stage_key(cfg, up)
+        if not (up_dir / MANIFEST).exists():
+            raise StageError(f"{stage}: upstream stage {up} has not finished for run {rid} (run it first)")
+        upstream[up] = up_dir
+        _link(run_dir / up, up_dir)
+    store.mkdir(parents=True, exist_ok=True)
+    _link(run_dir / stage, store)
+    resolved = run_dir / "config.json"
+    if not resolved.exists():
+        atomic_write_json(resolved, {"run_id": rid, "config_file": str(config_path), "overrides": dict(overrides or {}),
+                                     "config": cfg.to_dict()})
+    return StageRun(stage, cfg, rid, key, store, run_dir, upstream, config_path, dict(overrides or {}),
+                    run_name_for(config_path, run_name))
+
+
+def _repo_path(path: Path | str) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else (REPO_ROOT / path)
+
+
+def _link(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    relative = os.path.relpath(target, link.parent)
+    if link.is_symlink() and os.readlink(link) == relative:
+        return
+    tmp = link.with_name(f".{link.name}.tmp-link")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(relative, target_is_directory=True)
+    os.replace(tmp, link)
+
+
+def is_done(run: StageRun) -> bool:
+    manifest = run.dir / MANIFEST
+    return manifest.exists() and json.loads(manifest.read_text()).get("key") == run.key
+
+
+def _git_state() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True,
+                                    text=True, check=True).stdout.strip())
+        return {"commit": commit, "dirty": dirty}
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return {"commit": None, "dirty": None}
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES_RECORDED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def write_manifest(run: StageRun, wall_time_s: float, extra: Mapping[str, Any] | None = None) -> Path:
+    """Hash every output and write manifest.json last: from then on the stage counts as done."""
+    outputs = {}
+    for path in sorted(run.dir.rglob("*")):
+        rel = path.relative_to(run.dir).as_posix()
+        if path.is_file() and rel != MANIFEST and not rel.startswith("shards/") and not path.name.startswith("."):
+            outputs[rel] = sha256_file(path)
+    spec = STAGES[run.name]
+    manifest = {
+        "stage": run.name,
+        "key": run.key,
+        "run_id": run.run_id,
+        "params": run.params(),
+        "seed": run.config.seed,
+        "upstream": {u: {"key": d.name, "manifest_sha256": sha256_file(d / MANIFEST)} for u, d in run.upstream.items()},
+        "inputs": {f: sha256_file(REPO_ROOT / f) for f in spec.inputs},
+        "code": {f: _code_fingerprint(f) for f in spec.code},
+        "outputs": outputs,
+        "git": _git_state(),
+        "packages": _package_versions(),
+        "python": sys.version.split()[0],
+        "wall_time_s": round(wall_time_s, 2),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if extra:
+        manifest.update(extra)
+    return atomic_write_json(run.dir / MANIFEST, manifest)
+
+
+def run_stage(
+    stage: str,
+    config_path: Path | str,
+    overrides: Mapping[str, Any] | None = None,
+    run_name: str | None = None,
+    force: bool = False,
+) -> StageRun:
+    """Execute the stage notebook with papermill into its folder, unless its key is already done."""
+    import papermill
+
+    overrides = dict(overrides or {})
+    run = open_stage(stage, config_path, overrides, run_name)
+    if is_done(run) and not force:
+        (run.dir / MANIFEST).touch()  # make compares mtimes; the content is already right
+        print(f"[{stage}] up to date ({run.run_id}, key {run.key})")
+        return run
+    (run.dir / MANIFEST).unlink(missing_ok=True)
+    print(f"[{stage}] running -> {run.run_dir / stage}")
+    started = time.time()
+    try:
+        papermill.execute_notebook(
+            str(STAGES[stage].notebook),
+            str(run.dir / f"{stage}.ipynb"),
+            parameters={
+                "config_path": str(_repo_path(config_path)),
+                "overrides": json.dumps(overrides, sort_keys=True),
+                "run_name": run_name or "",
+            },
+            kernel_name="python3",
+            cwd=str(REPO_ROOT),
+            log_output=True,
+            progress_bar=False,
+        )
+    except Exception as error:  # papermill wraps the notebook's exception; keep its message
+        raise StageError(f"{stage} failed (no manifest written): {error}") from None
+    write_manifest(run, time.time() - started)
+    print(f"[{stage}] done in {time.time() - started:.1f} s")
+    return run
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    return dict(config_mod.parse_override(item) for item in items)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m udasa_lib.pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "run-dir", "status"):
+        p = sub.add_parser(name)
+        if name == "run":
+            p.add_argument("stage", choices=list(STAGES))
+            p.add_argument("--force", action="store_true", help="rerun even if the stage is done")
+        p.add_argument("--config", default="configs/default.yaml")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        p.add_argument("--name", default=None, help="run name (default: the config file's stem)")
+    args = parser.parse_args(argv)
+    try:
+        overrides = _parse_sets(args.set)
+        if args.command == "run":
+            run_stage(args.stage, args.config, overrides, args.name, force=args.force)
+        elif args.command == "run-dir":
+            cfg = config_mod.resolve(_repo_path(args.config), overrides)
+            print(results_root() / config_mod.run_id(cfg, run_name_for(args.config, args.name)))
+        else:
+            cfg = config_mod.resolve(_repo_path(args.config), overrides)
+            for stage in STAGES:
+                key = stage_key(cfg, stage)
+                done = (results_root() / ".stages" / stage / key / MANIFEST).exists()
+                print(f"{stage:14s} {key}  {'done' if done else 'to run'}")
+    except (config_mod.ConfigError, StageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

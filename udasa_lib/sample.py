@@ -1,0 +1,242 @@
+"""Stage 01: sample K responses per prompt, with the policy's token log-probs (UDASA step 1).
+
+Prompts are generated in batches of `sample.batch_prompts`, each expanded to K sequences by
+`num_return_sequences`, left-padded. Every batch has its own seed derived from (seed, task,
+batch index) and is written as a shard the moment it finishes, so an interrupted run resumes
+at the first missing batch and ends with exactly the file an uninterrupted run writes.
+
+Log-probs are those of the *untempered* policy (log-softmax of the raw logits), since
+likelihood-weighted semantic entropy, token NLL and KL(pi || pi_ref) all need log pi(y|x),
+not the sampling distribution. The EOS token, when produced, is part of the response.
+Under `accelerate launch` (runtime.num_processes > 1) rank r takes batches b with b % world == r.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from udasa_lib.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+
+PROMPT_SCHEMA = {"id": str, "text": str}
+SAMPLE_SCHEMA = {"prompt_id": str, "task": str, "prompt": str, "formatted_prompt": str, "responses": list}
+RESPONSE_SCHEMA = {"sample_id": str, "text": str, "token_ids": list, "token_logprobs": list, "finish_reason": str}
+SAMPLES_FILE = "samples.jsonl"
+
+
+def batch_seed(seed: int, task: str, batch_index: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{task}/{batch_index}".encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def select_prompts(data_dir: Path, sources: dict[str, int]) -> list[dict]:
+    """The first n prompts of each named split (splits are already shuffled by 00_data)."""
+    prompts = []
+    for split, count in sources.items():
+        records = read_jsonl(data_dir / f"{split}.jsonl", PROMPT_SCHEMA)
+        if len(records) < count:
+            raise ValueError(f"sample.tasks: split {split!r} has {len(records)} prompts, {count} requested")
+        prompts.extend(records[:count])
+    return prompts
+
+
+def format_prompt(tokenizer, text: str, chat_template: bool) -> str:
+    if chat_template and tokenizer.chat_template:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    return text
+
+
+def generate_batch(
+    model, tokenizer, formatted_prompts: Sequence[str], *, k: int, temperature: float, top_p: float, top_k: int,
+    max_new_tokens: int, seed: int,
+) -> list[list[dict[str, Any]]]:
+    """Sample k continuations of each prompt; returns, per prompt, k dicts of text, ids and log-probs.
+
+    Shapes: input [B, L] -> sequences [B*k, L+T], logits: T tensors of [B*k, V];
+    token_logprobs[i][t] = log softmax(logits_t)[i, y_t] for t up to and including the first EOS.
+    """
+    import torch
+
+    encoded = tokenizer(list(formatted_prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    encoded = encoded.to(model.device)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    with torch.inference_mode():
+        out = model.generate(
+            **encoded, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
+            max_new_tokens=max_new_tokens, num_return_sequences=k, return_dict_in_generate=True,
+            output_logits=True, pad_token_id=tokenizer.pad_token_id,
+        )
+        generated = out.sequences[:, encoded["input_ids"].shape[1]:]
+        logits = torch.stack(out.logits, dim=1).float()  # [B*k, T, V]
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+    eos_ids = _eos_ids(model, tokenizer)
+    results: list[list[dict[str, Any]]] = [[] for _ in formatted_prompts]
+    for row in range(generated.shape[0]):
+        ids = generated[row].tolist()
+        end = next((t + 1 for t, tok in enumerate(ids) if tok in eos_ids), None)
+        finish = "eos" if end is not None else "length"
+        ids = ids[: end if end is not None else len(ids)]
+        results[row // k].append(
+            {
+                "text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                "token_ids": ids,
+                "token_logprobs": [round(v, 6) for v in logprobs[row, : len(ids)].tolist()],
+                "finish_reason": finish,
+            }
+        )
+    return results
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _shard_path(stage_dir: Path, task: str, batch_index: int) -> Path:
+    return stage_dir / "shards" / task / f"batch_{batch_index:05d}.jsonl"
+
+
+def sample_task(stage, task: str, model, tokenizer, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
+    """Generate every missing shard of one task assigned to this rank; return token and time counts."""
+    from tqdm.auto import tqdm
+
+    cfg = stage.config.sample
+    task_cfg = cfg.tasks[task]
+    prompts = select_prompts(stage.upstream["00_data"], task_cfg.sources)
+    batches = [prompts[i: i + cfg.batch_prompts] for i in range(0, len(prompts), cfg.batch_prompts)]
+    mine = [b for b in range(len(batches)) if b % world == rank]
+    todo = [b for b in mine if not _shard_path(stage.dir, task, b).exists()]
+    tokens, started = 0, time.time()
+    for b in tqdm(todo, desc=f"sampling {task}", disable=not progress, initial=len(mine) - len(todo), total=len(mine)):
+        batch = batches[b]
+        formatted = [format_prompt(tokenizer, p["text"], task_cfg.chat_template) for p in batch]
+        generations = generate_batch(
+            model, tokenizer, formatted, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            max_new_tokens=task_cfg.max_new_tokens, seed=batch_seed(stage.config.seed, task, b),
+        )
+        records = []
+        for prompt, text, responses in zip(batch, formatted, generations):
+            for j, response in enumerate(responses):
+                response["sample_id"] = f"{prompt['id']}-s{j}"
+                tokens += len(response["token_ids"])
+            extra = {key: value for key, value in prompt.items() if key not in ("id", "text")}
+            records.append({"prompt_id": prompt["id"], "task": task, "prompt": prompt["text"],
+                            "formatted_prompt": text, "responses": responses, "meta": extra})
+        atomic_write_jsonl(_shard_path(stage.dir, task, b), records)
+    return {"batches": len(batches), "generated_batches": len(todo), "tokens": tokens, "seconds": time.time() - started}
+
+
+def merge_shards(stage) -> Path:
+    """Concatenate every task's shards in batch order into samples.jsonl, checking none is missing."""
+    records = []
+    for task, task_cfg in stage.config.sample.tasks.items():
+        n_prompts = sum(task_cfg.sources.values())
+        n_batches = -(-n_prompts // stage.config.sample.batch_prompts)
+        for b in range(n_batches):
+            path = _shard_path(stage.dir, task, b)
+            if not path.exists():
+                raise RuntimeError(f"01_sample: shard {path} is missing; rerun the stage to resume")
+            records.extend(read_jsonl(path, SAMPLE_SCHEMA))
+    return atomic_write_jsonl(stage.dir / SAMPLES_FILE, records)
+
+
+def load_samples(path: Path) -> list[dict]:
+    """Read samples.jsonl and check every record and response against the schema."""
+    from udasa_lib.io import SchemaError, check_record
+
+    records = read_jsonl(path, SAMPLE_SCHEMA)
+    for line, record in enumerate(records, start=1):
+        where = f"{path} line {line} (prompt {record['prompt_id']})"
+        if not record["responses"]:
+            raise SchemaError(f"{where}: empty response list")
+        for j, response in enumerate(record["responses"]):
+            check_record(response, RESPONSE_SCHEMA, f"{where} response {j}")
+    return records
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per task: prompts, responses, mean/max response tokens, share of empty and truncated responses."""
+    by_task: dict[str, list[dict]] = {}
+    for record in records:
+        by_task.setdefault(record["task"], []).extend(record["responses"])
+    rows = []
+    for task, responses in by_task.items():
+        lengths = [len(r["token_ids"]) for r in responses]
+        rows.append({
+            "task": task,
+            "prompts": sum(1 for r in records if r["task"] == task),
+            "responses": len(responses),
+            "mean_tokens": round(sum(lengths) / len(lengths), 1),
+            "max_tokens": max(lengths),
+            "empty_share": round(sum(1 for r in responses if not r["text"]) / len(responses), 3),
+            "truncated_share": round(sum(1 for r in responses if r["finish_reason"] == "length") / len(responses), 3),
+        })
+    return rows
+
+
+def _sample_in_process(stage, rank: int = 0, world: int = 1, device: str | None = None) -> dict:
+    from udasa_lib.models import configure_threads, load_causal_lm
+
+    threads = configure_threads(stage.config.runtime.threads)
+    model, tokenizer = load_causal_lm(stage.config.model.name_or_path, stage.config.model.dtype,
+                                      device or stage.config.runtime.device)
+    counts = {task: sample_task(stage, task, model, tokenizer, rank, world, progress=rank == 0)
+              for task in stage.config.sample.tasks}
+    return {"threads": threads, "device": str(model.device), "per_task": counts}
+
+
+def run_sampling(stage) -> dict:
+    """Sample every task (in this process, or under `accelerate launch`), merge, and summarise."""
+    n_processes = stage.config.runtime.num_processes
+    if n_processes > 1:
+        command = ["accelerate", "launch", "--num_processes", str(n_processes), "-m", "udasa_lib.sample",
+                   "--config", str(stage.config_path), "--overrides", json.dumps(stage.overrides),
+                   "--name", stage.run_name]
+        subprocess.run(command, check=True)
+        timing = json.loads((stage.dir / "timing.json").read_text())
+    else:
+        timing = _sample_in_process(stage)
+    merge_shards(stage)
+    tokens = sum(c["tokens"] for c in timing["per_task"].values())
+    seconds = sum(c["seconds"] for c in timing["per_task"].values())
+    timing["tokens_per_s_this_session"] = round(tokens / seconds, 1) if seconds and tokens else None
+    atomic_write_json(stage.dir / "timing.json", timing)
+    summary = summarize(load_samples(stage.dir / SAMPLES_FILE))
+    atomic_write_json(stage.dir / "summary.json", summary)
+    return {"summary": summary, "timing": timing}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for `accelerate launch -m udasa_lib.sample`: each rank samples its batches."""
+    from accelerate import PartialState
+
+    from udasa_lib.pipeline import open_stage
+
+    parser = argparse.ArgumentParser(prog="python -m udasa_lib.sample")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--overrides", default="{}")
+    parser.add_argument("--name", default="")
+    args = parser.parse_args(argv)
+    state = PartialState()
+    stage = open_stage("01_sample", args.config, args.overrides, args.name or None)
+    timing = _sample_in_process(stage, state.process_index, state.num_processes, device=str(state.device))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        atomic_write_json(stage.dir / "timing.json", timing)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
