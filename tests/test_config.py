@@ -1,0 +1,80 @@
+"""Strict config resolution: every mistake names its key; run ids are deterministic."""
+import pytest
+
+from udasa_lib import config
+from udasa_lib.pipeline import STAGES, stage_key
+
+from conftest import SMOKE_CONFIG, REPO_ROOT
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"inherit: {REPO_ROOT / 'configs' / 'smoke.yaml'}\n{text}")
+    return path
+
+
+def test_all_shipped_configs_resolve():
+    for name in ("default", "smoke", "paper"):
+        cfg = config.resolve(REPO_ROOT / "configs" / f"{name}.yaml")
+        assert cfg.sample.k >= 1
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"unknown key 'sample\.kk'"):
+        config.resolve(_write(tmp_path, "sample:\n  kk: 3\n"))
+
+
+def test_unknown_section_is_named(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"unknown key 'sampel'"):
+        config.resolve(_write(tmp_path, "sampel:\n  k: 3\n"))
+
+
+def test_bad_type_is_named(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"sample\.k: expected an integer"):
+        config.resolve(_write(tmp_path, "sample:\n  k: four\n"))
+    with pytest.raises(config.ConfigError, match=r"sample\.tasks\.alignment\.chat_template: expected true or false"):
+        config.resolve(_write(tmp_path, "sample:\n  tasks:\n    alignment:\n      chat_template: 1\n"))
+
+
+def test_missing_key_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 0\n")
+    with pytest.raises(config.ConfigError, match=r"missing key 'model'"):
+        config.resolve(path)
+
+
+def test_override_unknown_key_is_named():
+    with pytest.raises(config.ConfigError, match=r"unknown key 'kk'"):
+        config.resolve(SMOKE_CONFIG, {"sample.kk": 2})
+
+
+def test_int_accepted_where_float_expected(tmp_path):
+    cfg = config.resolve(_write(tmp_path, "sample:\n  temperature: 1\n"))
+    assert cfg.sample.temperature == 1.0 and isinstance(cfg.sample.temperature, float)
+
+
+def test_config_is_frozen():
+    cfg = config.resolve(SMOKE_CONFIG)
+    with pytest.raises(Exception):
+        cfg.sample.k = 9
+
+
+def test_run_id_deterministic_and_ignores_runtime():
+    base = config.resolve(SMOKE_CONFIG)
+    assert config.run_id(base, "smoke") == config.run_id(config.resolve(SMOKE_CONFIG), "smoke")
+    threads = config.resolve(SMOKE_CONFIG, {"runtime.threads": 7})
+    assert config.run_id(threads, "smoke") == config.run_id(base, "smoke")
+    changed = config.resolve(SMOKE_CONFIG, {"sample.k": 5})
+    assert config.run_id(changed, "smoke") != config.run_id(base, "smoke")
+    assert config.run_id(base, "smoke").startswith("smoke-")
+
+
+def test_stage_keys_follow_only_their_sections():
+    base = config.resolve(SMOKE_CONFIG)
+    changed = config.resolve(SMOKE_CONFIG, {"sample.temperature": 0.7})
+    assert stage_key(base, "00_data") == stage_key(changed, "00_data")
+    assert stage_key(base, "01_sample") != stage_key(changed, "01_sample")
+    data_changed = config.resolve(SMOKE_CONFIG, {"data.split_seed": 3})
+    # a changed upstream stage changes every stage after it
+    assert stage_key(base, "01_sample") != stage_key(data_changed, "01_sample")
+    assert set(STAGES) >= {"00_data", "01_sample"}

@@ -1,0 +1,57 @@
+"""Stages through papermill: manifests last, keyed reuse, upstream checks."""
+import json
+
+import pytest
+
+from udasa_lib import pipeline
+
+from conftest import SMOKE_CONFIG
+
+
+def test_stage_chain_writes_manifests_and_reuses_done_stages(results_root):
+    data = pipeline.run_stage("00_data", SMOKE_CONFIG)
+    first = pipeline.run_stage("01_sample", SMOKE_CONFIG)
+    manifest = json.loads((first.run_dir / "01_sample" / "manifest.json").read_text())
+    assert manifest["key"] == first.key and manifest["params"]["sample"]["k"] == 3
+    assert "samples.jsonl" in manifest["outputs"] and "01_sample.ipynb" in manifest["outputs"]
+    assert manifest["upstream"]["00_data"]["key"] == data.key
+    assert {"commit", "dirty"} <= set(manifest["git"]) and manifest["packages"]["torch"] != "absent"
+    assert (first.run_dir / "config.json").exists()
+
+    again = pipeline.run_stage("01_sample", SMOKE_CONFIG)  # nothing changed: no rerun
+    assert json.loads((again.dir / "manifest.json").read_text())["finished_at"] == manifest["finished_at"]
+
+    changed = pipeline.run_stage("01_sample", SMOKE_CONFIG, {"sample.k": 2})
+    assert changed.run_id != first.run_id and changed.key != first.key
+    assert changed.upstream["00_data"] == first.upstream["00_data"], "00_data must be shared, not recomputed"
+    assert (changed.run_dir / "00_data").resolve() == (first.run_dir / "00_data").resolve()
+
+
+def test_stage_refuses_to_run_before_its_upstream(results_root):
+    with pytest.raises(pipeline.StageError, match="upstream stage 00_data has not finished"):
+        pipeline.open_stage("01_sample", SMOKE_CONFIG)
+
+
+def test_failed_stage_writes_no_manifest(results_root):
+    pipeline.run_stage("00_data", SMOKE_CONFIG)
+    overrides = {"model.name_or_path": "./no/such/model"}
+    with pytest.raises(pipeline.StageError, match="01_sample failed"):
+        pipeline.run_stage("01_sample", SMOKE_CONFIG, overrides)
+    run = pipeline.open_stage("01_sample", SMOKE_CONFIG, overrides)
+    assert not (run.dir / "manifest.json").exists()
+
+
+def test_committed_notebooks_have_no_outputs_and_no_definitions():
+    for spec in pipeline.STAGES.values():
+        notebook = json.loads(spec.notebook.read_text())
+        code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+        assert "parameters" in code[0]["metadata"].get("tags", []), spec.name
+        for cell in code:
+            assert not cell.get("outputs") and cell.get("execution_count") is None, spec.name
+            source = "".join(cell["source"])
+            assert "\ndef " not in f"\n{source}" and "\nclass " not in f"\n{source}", spec.name
+
+
+def test_cli_reports_config_errors(capsys):
+    assert pipeline.main(["run-dir", "--config", str(SMOKE_CONFIG), "--set", "sample.kk=1"]) == 2
+    assert "unknown key 'kk'" in capsys.readouterr().err
