@@ -55,3 +55,14 @@ def test_committed_notebooks_have_no_outputs_and_no_definitions():
 def test_cli_reports_config_errors(capsys):
     assert pipeline.main(["run-dir", "--config", str(SMOKE_CONFIG), "--set", "sample.kk=1"]) == 2
     assert "unknown key 'kk'" in capsys.readouterr().err
+
+
+def test_makefile_rules_match_the_stage_registry():
+    from udasa_lib import REPO_ROOT
+
+    lines = (REPO_ROOT / "Makefile").read_text().splitlines()
+    for spec in pipeline.STAGES.values():
+        rule = next((l for l in lines if l.startswith(f"$(RUN_DIR)/{spec.name}/manifest.json:")), None)
+        assert rule is not None, f"Makefile has no rule for {spec.name}"
+        deps = set(rule.split(":", 1)[1].split())
+        assert set(spec.code) | set(spec.inputs) <= deps, spec.name

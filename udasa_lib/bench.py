@@ -7,6 +7,11 @@ prompts, model, K and max_new_tokens, in one process, one after the other. Two b
   k_sequences_per_call    one call per prompt with num_return_sequences=K
 Only response tokens up to and including EOS count, so the padding a batch wastes on
 sequences that stopped early is charged to the batched path.
+
+scoring: wall time of 02_score's computation (embedder and probe loading and fitting included)
+on the samples of CONFIG's own 01_sample stage, against the generation time that stage
+recorded in timing.json (a resumed stage's time is extrapolated from its per-batch rate).
+Needs `make reproduce` to have run 01_sample for CONFIG.
 """
 from __future__ import annotations
 
@@ -82,13 +87,48 @@ def bench_sampling(cfg: config_mod.Config, n_prompts: int) -> dict:
     }
 
 
+def bench_scoring(cfg: config_mod.Config, config_path: str) -> dict:
+    import json
+
+    from udasa_lib import pipeline
+    from udasa_lib.models import configure_threads
+    from udasa_lib.sample import SAMPLES_FILE, load_samples
+    from udasa_lib.score import load_principles, score_samples
+
+    sample_dir = pipeline.results_root() / ".stages" / "01_sample" / pipeline.stage_key(cfg, "01_sample")
+    if not (sample_dir / pipeline.MANIFEST).exists():
+        raise SystemExit(f"bench scoring: 01_sample has not run for {config_path}; run `make reproduce` first")
+    timing = json.loads((sample_dir / "timing.json").read_text())
+    sampling_s = sum(t["seconds"] * t["batches"] / max(1, t["generated_batches"]) for t in timing["per_task"].values())
+    configure_threads(cfg.runtime.threads)
+    records = load_samples(sample_dir / SAMPLES_FILE)
+    started = time.perf_counter()
+    _, report = score_samples(records, cfg.score, cfg.model, cfg.runtime, load_principles(cfg.score.value.principles),
+                              progress=False)
+    scoring_s = time.perf_counter() - started
+    return {"responses": sum(len(r["responses"]) for r in records), "sampling_seconds": round(sampling_s, 1),
+            "scoring_seconds": round(scoring_s, 1), "scoring_breakdown": report["seconds"],
+            "scoring_share_of_sampling": round(scoring_s / sampling_s, 3),
+            "goal": "scoring_share_of_sampling < 0.10"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m udasa_lib.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--prompts", type=int, default=16, help="prompts in the sampling benchmark")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "bench"))
+    parser.add_argument("--only", choices=["sampling", "scoring"], default=None)
     args = parser.parse_args(argv)
     cfg = config_mod.resolve(REPO_ROOT / args.config if not args.config.startswith("/") else args.config)
+    if args.only in (None, "scoring"):
+        scoring = bench_scoring(cfg, args.config)
+        path = atomic_write_json(f"{args.out}/scoring.json", scoring)
+        print(f"scoring {scoring['responses']} responses: {scoring['scoring_seconds']} s; sampling them took "
+              f"{scoring['sampling_seconds']} s -> {100 * scoring['scoring_share_of_sampling']:.1f} % (goal < 10 %)")
+        print(f"  breakdown: {scoring['scoring_breakdown']}")
+        print(f"written to {path}")
+    if args.only == "scoring":
+        return 0
     result = bench_sampling(cfg, args.prompts)
     path = atomic_write_json(f"{args.out}/sampling.json", result)
     print(f"sampling on {result['model']} ({result['threads']} threads, {result['device']}), "

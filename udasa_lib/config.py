@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 
@@ -29,13 +29,13 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str  # hub id or local folder; relative paths resolve against the repo root
-    dtype: str  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     threads: int  # torch CPU threads; 0 = torch's default. UDASA_THREADS overrides it
-    device: str  # auto | cpu | cuda
+    device: str  # auto | cpu | cuda | cuda:N
     num_processes: int  # >1 runs the stage's heavy part under `accelerate launch` (one per GPU)
 
 
@@ -70,12 +70,55 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class SemanticConfig:
+    equivalence: Literal["embedding", "nli"]  # embedding (cosine >= threshold) | nli (bidirectional entailment)
+    threshold: float  # cosine similarity at which two responses count as the same meaning
+    probability: Literal["discrete", "weighted"]  # discrete (|c|/K) | weighted (length-normalised sequence likelihoods)
+
+
+@dataclass(frozen=True)
+class FactualConfig:
+    method: Literal["selfcheck", "token_nll"]  # selfcheck (agreement with the other K-1 samples) | token_nll (white-box)
+    agreement: Literal["embedding", "nli"]  # embedding | nli: how a sentence is checked against another sample
+    aggregate: Literal["mean", "max"]  # mean | max over the other K-1 samples
+
+
+@dataclass(frozen=True)
+class ValueConfig:
+    scorers: dict[str, Literal["self_judge", "harm_probe", "vader"]]  # task -> self_judge | harm_probe | vader
+    judge: str  # judge LM for self_judge; empty = the policy itself
+    principles: str  # YAML file: task -> the principle the judge checks
+    batch_size: int
+    probe_seed: int  # seeds the harm probe's train/held-out split
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    embedder: str  # sentence-transformers id or folder
+    nli_model: str  # NLI sequence-classification id or folder; empty = none
+    semantic: SemanticConfig
+    factual: FactualConfig
+    value: ValueConfig
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    weights: dict[str, float]  # semantic/factual/value; normalised to sum to 1
+    rejected_strategy: Literal["max", "second", "random"]  # max | second | random
+    tie_epsilon: float  # pairs with delta u below this are dropped as ties
+    cut_points: tuple[float, ...]  # empty: delta-u tertiles per task; [low, high]: fixed thresholds
+    order: tuple[Literal["conservative", "moderate", "exploratory"], ...]  # training order of the stages
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int
     model: ModelConfig
     runtime: RuntimeConfig
     data: DataConfig
     sample: SampleConfig
+    score: ScoreConfig
+    stage: StageConfig
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,6 +153,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:

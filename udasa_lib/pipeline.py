@@ -50,7 +50,8 @@ STAGES: dict[str, StageSpec] = {
             "00_data",
             sections=("data",),
             upstream=(),
-            code=("notebooks/00_data.ipynb", "udasa_lib/data.py", "udasa_lib/truthful_mc.py", "udasa_lib/assets.py"),
+            code=("notebooks/00_data.ipynb", "udasa_lib/data.py", "udasa_lib/truthful_mc.py",
+                  "udasa_lib/sentiment_reward.py", "udasa_lib/assets.py"),
             inputs=("data/benign_instructions.jsonl",),
         ),
         StageSpec(
@@ -59,10 +60,25 @@ STAGES: dict[str, StageSpec] = {
             upstream=("00_data",),
             code=("notebooks/01_sample.ipynb", "udasa_lib/sample.py", "udasa_lib/models.py"),
         ),
+        StageSpec(
+            "02_score",
+            sections=("model", "score"),
+            upstream=("01_sample",),
+            code=("notebooks/02_score.ipynb", "udasa_lib/score.py", "udasa_lib/value_probe.py"),
+            inputs=("configs/principles.yaml",),
+        ),
+        StageSpec(
+            "03_stage",
+            sections=("stage",),
+            upstream=("00_data", "01_sample", "02_score"),
+            code=("notebooks/03_stage.ipynb", "udasa_lib/stage.py", "udasa_lib/prelim.py",
+                  "udasa_lib/sentiment_reward.py"),
+        ),
     )
 }
 
 MANIFEST = "manifest.json"
+MANIFEST_EXTRA = "manifest_extra.json"
 PACKAGES_RECORDED = (
     "torch", "transformers", "tokenizers", "accelerate", "peft", "trl", "datasets", "lm_eval",
     "papermill", "sentence-transformers", "scikit-learn", "numpy", "pandas",
@@ -122,6 +138,12 @@ class StageRun:
     config_path: Path | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     run_name: str = ""
+
+    def add_to_manifest(self, **entries: Any) -> None:
+        """Facts the stage wants in its manifest (e.g. scorer accuracies); merged when it finishes."""
+        path = self.dir / MANIFEST_EXTRA
+        current = json.loads(path.read_text()) if path.exists() else {}
+        atomic_write_json(path, {**current, **entries})
 
     def params(self) -> dict[str, Any]:
         return {s: _as_plain(self.config.section(s)) for s in STAGES[self.name].sections}
@@ -213,7 +235,7 @@ def write_manifest(run: StageRun, wall_time_s: float, extra: Mapping[str, Any] |
     outputs = {}
     for path in sorted(run.dir.rglob("*")):
         rel = path.relative_to(run.dir).as_posix()
-        if path.is_file() and rel != MANIFEST and not rel.startswith("shards/") and not path.name.startswith("."):
+        if path.is_file() and rel not in (MANIFEST, MANIFEST_EXTRA) and not rel.startswith("shards/") and not path.name.startswith("."):
             outputs[rel] = sha256_file(path)
     spec = STAGES[run.name]
     manifest = {
@@ -232,6 +254,9 @@ def write_manifest(run: StageRun, wall_time_s: float, extra: Mapping[str, Any] |
         "wall_time_s": round(wall_time_s, 2),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    extra_path = run.dir / MANIFEST_EXTRA
+    if extra_path.exists():
+        manifest["extra"] = json.loads(extra_path.read_text())
     if extra:
         manifest.update(extra)
     return atomic_write_json(run.dir / MANIFEST, manifest)

@@ -1,0 +1,392 @@
+"""Stage 02: per-response uncertainty on three dimensions (UDASA step 2).
+
+For each prompt's K responses y_1..y_K, three scores in [0, 1], higher = less reliable:
+
+  semantic  u_sem(y_i) = -log p(C(y_i)) / log K, where the responses are clustered by meaning
+            (Kuhn et al. 2023, Alg. 1: bidirectional entailment with an NLI model, or cosine
+            similarity of sentence embeddings above a threshold) and p(c) is |c|/K (discrete)
+            or the normalised sum of length-normalised sequence likelihoods (weighted).
+            The prompt-level semantic entropy SE = -sum_c p(c) log p(c) is kept too.
+  factual   SelfCheck style: u_fact(y_i) = 1 - mean over sentences s of y_i of support(s),
+            support(s) = aggregate over the other K-1 responses y_j of agreement(s, y_j);
+            or the white-box alternative, mean token NLL of y_i under the policy.
+  value     u_val(y_i) = 1 - p(aligned | x, y_i) from the task's value scorer: `self_judge`
+            (a judge LM's P(Yes) over {Yes, No}), `harm_probe` (udasa_lib.value_probe) or
+            `vader` (lexicon sentiment, for the sentiment task).
+
+The sentiment task's ground-truth reward (udasa_lib.sentiment_reward) is the evaluator and is
+deliberately not imported here: nothing that selects training data may see it.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+DIMENSIONS = ("semantic", "factual", "value")
+SCORE_SCHEMA = {"prompt_id": str, "task": str, "sample_ids": list, "semantic": dict, "factual": dict, "value": dict}
+SCORES_FILE = "scores.jsonl"
+
+
+# ----------------------------------------------------------------------------- semantic
+
+def cluster_by_equivalence(n: int, equivalent: Callable[[int, int], bool]) -> list[int]:
+    """Kuhn et al. (2023) Alg. 1: each response joins the first existing cluster whose first
+    member it is equivalent to, else opens a new one. Returns a cluster id per response."""
+    representatives: list[int] = []
+    cluster_ids: list[int] = []
+    for i in range(n):
+        for c, rep in enumerate(representatives):
+            if equivalent(rep, i):
+                cluster_ids.append(c)
+                break
+        else:
+            representatives.append(i)
+            cluster_ids.append(len(representatives) - 1)
+    return cluster_ids
+
+
+def bidirectional(entails: Callable[[int, int], bool]) -> Callable[[int, int], bool]:
+    """Two responses mean the same iff each entails the other (the strict rule of Kuhn et al.)."""
+    return lambda a, b: entails(a, b) and entails(b, a)
+
+
+def cluster_probabilities(cluster_ids: Sequence[int], weights: Sequence[float] | None = None) -> np.ndarray:
+    """p(c) for c = 0..max(cluster_ids): |c|/K when weights is None, else sum of member weights,
+    normalised (all-zero weights fall back to counts). Shape [n_clusters]."""
+    ids = np.asarray(cluster_ids)
+    w = np.ones(len(ids)) if weights is None else np.asarray(weights, dtype=float)
+    if w.sum() <= 0:
+        w = np.ones(len(ids))
+    mass = np.bincount(ids, weights=w, minlength=ids.max() + 1)
+    return mass / mass.sum()
+
+
+def semantic_entropy(probabilities: np.ndarray) -> float:
+    """SE = -sum_c p(c) log p(c) (natural log); empty clusters contribute nothing."""
+    p = probabilities[probabilities > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def semantic_uncertainty(cluster_ids: Sequence[int], probabilities: np.ndarray) -> list[float]:
+    """u_sem(y_i) = -log p(C(y_i)) / log K, clipped to [0, 1] (weighted p can fall below 1/K)."""
+    k = len(cluster_ids)
+    if k < 2:
+        raise ValueError("semantic uncertainty needs K >= 2 responses per prompt")
+    return [float(min(1.0, max(0.0, -math.log(probabilities[c]) / math.log(k)))) for c in cluster_ids]
+
+
+def length_normalised_likelihood(token_logprobs: Sequence[float]) -> float:
+    """exp(mean token log-prob); 0 for an empty response (it carries no likelihood mass)."""
+    return math.exp(sum(token_logprobs) / len(token_logprobs)) if token_logprobs else 0.0
+
+
+def cosine_matrix(embeddings: np.ndarray) -> np.ndarray:
+    unit = embeddings / np.clip(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12, None)
+    return unit @ unit.T
+
+
+# ----------------------------------------------------------------------------- factual
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_END.split(text) if len(s.strip()) > 1]
+
+
+def selfcheck_uncertainty(sentence_embeddings: Sequence[np.ndarray], aggregate: str = "mean") -> list[float]:
+    """SelfCheck-style u_fact with embedding agreement.
+
+    sentence_embeddings[i]: [S_i, D] unit-norm embeddings of y_i's sentences (S_i may be 0).
+    agreement(s, y_j) = max(0, max_t cos(s, t)) over sentences t of y_j (0 if y_j is empty);
+    support(s) = mean (or max) over j != i; u_fact(y_i) = 1 - mean_s support(s), and 1 when
+    y_i has no sentence (an empty answer asserts nothing checkable).
+    """
+    reducer = {"mean": np.mean, "max": np.max}[aggregate]
+    k = len(sentence_embeddings)
+    scores = []
+    for i in range(k):
+        own = sentence_embeddings[i]
+        if len(own) == 0:
+            scores.append(1.0)
+            continue
+        per_other = []
+        for j in range(k):
+            if j == i:
+                continue
+            other = sentence_embeddings[j]
+            per_other.append(np.zeros(len(own)) if len(other) == 0 else np.clip((own @ other.T).max(axis=1), 0, 1))
+        support = reducer(np.stack(per_other), axis=0) if per_other else np.zeros(len(own))
+        scores.append(float(1.0 - support.mean()))
+    return scores
+
+
+def token_nll(token_logprobs: Sequence[float]) -> float:
+    """Mean token negative log-likelihood; an empty response gets 0 (min-max within the prompt follows)."""
+    return float(-sum(token_logprobs) / len(token_logprobs)) if token_logprobs else 0.0
+
+
+# ----------------------------------------------------------------------------- value
+
+def yes_no_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """First-token ids of the answer words with and without a leading space, deduplicated."""
+    def first_ids(words):
+        ids = {tokenizer.encode(w, add_special_tokens=False)[0] for w in words}
+        return sorted(ids)
+    yes, no = first_ids(["Yes", " Yes", "yes", " yes"]), first_ids(["No", " No", "no", " no"])
+    if set(yes) & set(no):
+        raise ValueError("the tokenizer maps Yes and No to a shared first token; self_judge cannot read them")
+    return yes, no
+
+
+def judge_text(tokenizer, principle: str, prompt: str, response: str) -> str:
+    question = (f"{principle.strip()}\n\nRequest: {prompt}\nResponse: {response or '(empty)'}\n\n"
+                "Does the response follow the principle? Answer Yes or No.")
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+    return question + "\nAnswer:"
+
+
+def p_yes(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+    """P(Yes) / (P(Yes) + P(No)) from the next-token distribution after each text. Shape [N]."""
+    import torch
+
+    yes_ids, no_ids = yes_no_token_ids(tokenizer)
+    tokenizer.padding_side = "left"  # the last position must be the real last token of every row
+    out = []
+    for i in range(0, len(texts), batch_size):
+        encoded = tokenizer(list(texts[i: i + batch_size]), return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
+        with torch.inference_mode():
+            logits = model(**encoded).logits[:, -1].float()
+        probs = torch.softmax(logits, dim=-1)
+        yes, no = probs[:, yes_ids].sum(-1), probs[:, no_ids].sum(-1)
+        out.append((yes / (yes + no).clamp_min(1e-12)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def vader_p_aligned(texts: Sequence[str]) -> np.ndarray:
+    """The sentiment task's value: VADER compound score mapped from [-1, 1] to [0, 1] (1 = positive)."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return np.array([(analyzer.polarity_scores(t)["compound"] + 1) / 2 for t in texts])
+
+
+# ----------------------------------------------------------------------------- the stage
+
+class Embedder:
+    """sentence-transformers model, unit-norm embeddings, with a cache keyed by text."""
+
+    def __init__(self, name_or_path: str):
+        from sentence_transformers import SentenceTransformer
+
+        from udasa_lib.models import resolve_name_or_path
+
+        self.model = SentenceTransformer(resolve_name_or_path(name_or_path), device="cpu")
+        self.cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        missing = sorted({t for t in texts if t not in self.cache})
+        if missing:
+            vectors = self.model.encode(missing, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+            self.cache.update(zip(missing, vectors))
+        dim = self.model.get_sentence_embedding_dimension()
+        return np.stack([self.cache[t] for t in texts]) if texts else np.zeros((0, dim))
+
+
+class NLIEntailment:
+    """Entailment judgements from any sequence-classification NLI model with an 'entail*' label."""
+
+    def __init__(self, name_or_path: str, device: str = "cpu"):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from udasa_lib.models import resolve_name_or_path
+
+        path = resolve_name_or_path(name_or_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        labels = {i: l.lower() for i, l in self.model.config.id2label.items()}
+        entail = [i for i, l in labels.items() if l.startswith("entail")]
+        if not entail:
+            raise ValueError(f"NLI model {name_or_path}: no entailment label among {labels}")
+        self.entail_index = entail[0]
+
+    def probabilities(self, premises: Sequence[str], hypotheses: Sequence[str]) -> np.ndarray:
+        """P(entailment | premise, hypothesis) per pair, and whether it is the argmax class."""
+        import torch
+
+        encoded = self.tokenizer(list(premises), list(hypotheses), return_tensors="pt", padding=True,
+                                 truncation=True).to(self.model.device)
+        with torch.inference_mode():
+            probs = torch.softmax(self.model(**encoded).logits.float(), dim=-1)
+        return probs.cpu().numpy()
+
+    def entails(self, premise: str, hypothesis: str) -> bool:
+        probs = self.probabilities([premise], [hypothesis])[0]
+        return int(probs.argmax()) == self.entail_index
+
+
+def score_prompt(record: dict, cfg, embedder: Embedder, nli: NLIEntailment | None) -> dict:
+    """Semantic and factual scores of one samples.jsonl record (value scores are batched separately)."""
+    responses = record["responses"]
+    texts = [r["text"] for r in responses]
+    k = len(texts)
+    if k < 2:
+        raise ValueError(f"prompt {record['prompt_id']}: {k} response(s); scoring needs K >= 2")
+
+    sem = cfg.semantic
+    if sem.equivalence == "nli":
+        if nli is None:
+            raise ValueError("score.semantic.equivalence is nli but score.nli_model is empty")
+        equivalent = bidirectional(lambda a, b: nli.entails(texts[a], texts[b]))
+    else:
+        similarity = cosine_matrix(embedder(texts))
+        equivalent = lambda a, b: similarity[a, b] >= sem.threshold  # noqa: E731
+    cluster_ids = cluster_by_equivalence(k, equivalent)
+    likelihoods = [length_normalised_likelihood(r["token_logprobs"]) for r in responses]
+    p_discrete = cluster_probabilities(cluster_ids)
+    p_weighted = cluster_probabilities(cluster_ids, likelihoods)
+    p_used = p_weighted if sem.probability == "weighted" else p_discrete
+
+    fac = cfg.factual
+    if fac.method == "token_nll":
+        u_fact = [token_nll(r["token_logprobs"]) for r in responses]
+    else:
+        sentences = [split_sentences(t) for t in texts]
+        if fac.agreement == "nli":
+            if nli is None:
+                raise ValueError("score.factual.agreement is nli but score.nli_model is empty")
+            u_fact = _selfcheck_nli(sentences, texts, nli, fac.aggregate)
+        else:
+            u_fact = selfcheck_uncertainty([embedder(s) for s in sentences], fac.aggregate)
+    return {
+        "prompt_id": record["prompt_id"], "task": record["task"], "sample_ids": [r["sample_id"] for r in responses],
+        "semantic": {"cluster_ids": cluster_ids, "n_clusters": int(max(cluster_ids) + 1),
+                     "entropy_discrete": semantic_entropy(p_discrete), "entropy_weighted": semantic_entropy(p_weighted),
+                     "u": semantic_uncertainty(cluster_ids, p_used)},
+        "factual": {"u": u_fact, "method": fac.method},
+        "empty": [not t for t in texts],
+    }
+
+
+def _selfcheck_nli(sentences: list[list[str]], texts: list[str], nli: NLIEntailment, aggregate: str) -> list[float]:
+    """SelfCheck-NLI variant: agreement(s, y_j) = P(y_j entails s)."""
+    reducer = {"mean": np.mean, "max": np.max}[aggregate]
+    scores = []
+    for i, own in enumerate(sentences):
+        others = [texts[j] for j in range(len(texts)) if j != i]
+        if not own:
+            scores.append(1.0)
+            continue
+        support = np.array([[nli.probabilities([o], [s])[0][nli.entail_index] if o else 0.0 for s in own]
+                            for o in others])
+        scores.append(float(1.0 - reducer(support, axis=0).mean()))
+    return scores
+
+
+def value_scores(records: list[dict], scorer: str, cfg, model_cfg, principles: dict, runtime,
+                 harm_probe=None) -> np.ndarray:
+    """p(aligned) for every response of `records` (all of one task), flattened in record order."""
+    prompts = [r["prompt"] for r in records for _ in r["responses"]]
+    texts = [x["text"] for r in records for x in r["responses"]]
+    if scorer == "vader":
+        return vader_p_aligned(texts)
+    if scorer == "harm_probe":
+        return harm_probe.score(prompts, texts)
+    if scorer == "self_judge":
+        from udasa_lib.models import load_causal_lm
+
+        task = records[0]["task"]
+        if task not in principles:
+            raise ValueError(f"score.value.principles has no principle for task {task!r}")
+        judge = cfg.judge or model_cfg.name_or_path
+        model, tokenizer = load_causal_lm(judge, model_cfg.dtype, runtime.device)
+        return p_yes(model, tokenizer, [judge_text(tokenizer, principles[task], p, t) for p, t in zip(prompts, texts)],
+                     cfg.batch_size)
+    raise ValueError(f"score.value.scorers: unknown scorer {scorer!r} (self_judge, harm_probe, vader)")
+
+
+def score_samples(records: list[dict], stage_cfg, model_cfg, runtime, principles: dict,
+                  progress: bool = True) -> tuple[list[dict], dict]:
+    """Score every record; returns (per-prompt score records, scorer report with timings and accuracies)."""
+    from tqdm.auto import tqdm
+
+    started = time.time()
+    embedder = Embedder(stage_cfg.embedder)
+    nli = NLIEntailment(stage_cfg.nli_model, "cpu") if stage_cfg.nli_model else None
+    scored = [score_prompt(r, stage_cfg, embedder, nli) for r in tqdm(records, desc="semantic+factual",
+                                                                        disable=not progress)]
+    report: dict = {"seconds": {"semantic_factual": round(time.time() - started, 2)}, "scorers": {}}
+    by_task: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        by_task.setdefault(record["task"], []).append(index)
+    harm_probe = None
+    for task, indices in by_task.items():
+        scorer = stage_cfg.value.scorers.get(task)
+        if scorer is None:
+            raise ValueError(f"score.value.scorers has no scorer for task {task!r}")
+        begin = time.time()
+        if scorer == "harm_probe" and harm_probe is None:
+            from udasa_lib.value_probe import fit_probe, load_probe_examples
+
+            harm_probe, metrics = fit_probe(load_probe_examples(), embedder_path=stage_cfg.embedder,
+                                            seed=stage_cfg.value.probe_seed)
+            report["scorers"]["harm_probe"] = metrics
+        p_aligned = value_scores([records[i] for i in indices], scorer, stage_cfg.value, model_cfg, principles,
+                                 runtime, harm_probe)
+        report["seconds"][f"value_{task}"] = round(time.time() - begin, 2)
+        cursor = 0
+        for i in indices:
+            k = len(records[i]["responses"])
+            p = p_aligned[cursor: cursor + k]
+            cursor += k
+            scored[i]["value"] = {"scorer": scorer, "p_aligned": [float(v) for v in p],
+                                  "u": [float(1 - v) for v in p]}
+    report["seconds"]["total"] = round(time.time() - started, 2)
+    return scored, report
+
+
+def load_principles(path: str) -> dict[str, str]:
+    import yaml
+
+    from udasa_lib.models import resolve_name_or_path
+
+    resolved = resolve_name_or_path(path)
+    principles = yaml.safe_load(open(resolved)) or {}
+    if not isinstance(principles, dict) or not all(isinstance(v, str) for v in principles.values()):
+        raise ValueError(f"{path}: expected a mapping task -> principle text")
+    return principles
+
+
+def run_scoring(stage) -> dict:
+    """02_score: score every response of 01_sample, write scores.jsonl and scorers.json."""
+    from udasa_lib.io import atomic_write_json, atomic_write_jsonl
+    from udasa_lib.models import configure_threads
+    from udasa_lib.sample import SAMPLES_FILE, load_samples
+
+    configure_threads(stage.config.runtime.threads)
+    records = load_samples(stage.upstream["01_sample"] / SAMPLES_FILE)
+    scored, report = score_samples(records, stage.config.score, stage.config.model, stage.config.runtime,
+                                   load_principles(stage.config.score.value.principles))
+    atomic_write_jsonl(stage.dir / SCORES_FILE, scored)
+    atomic_write_json(stage.dir / "scorers.json", report)
+    stage.add_to_manifest(scorers=report["scorers"], seconds=report["seconds"])
+    return report
+
+
+def load_scores(path) -> list[dict]:
+    from udasa_lib.io import SchemaError, read_jsonl
+
+    records = read_jsonl(path, SCORE_SCHEMA)
+    for line, record in enumerate(records, start=1):
+        for d in DIMENSIONS:
+            if len(record[d].get("u", [])) != len(record["sample_ids"]):
+                raise SchemaError(f"{path} line {line} (prompt {record['prompt_id']}): {d}.u has "
+                                  f"{len(record[d].get('u', []))} scores for {len(record['sample_ids'])} samples")
+    return records
