@@ -45,13 +45,13 @@ stages: $(RUN_DIR)/03_stage/manifest.json
 	@test -n "$(RUN_DIR)" || { echo "could not resolve $(CONFIG)"; exit 2; }
 	@echo "run folder: $(RUN_DIR)"
 
-$(RUN_DIR)/00_data/manifest.json: notebooks/00_data.ipynb udasa_lib/data.py udasa_lib/truthful_mc.py udasa_lib/sentiment_reward.py udasa_lib/assets.py data/benign_instructions.jsonl
+$(RUN_DIR)/00_data/manifest.json: notebooks/00_data.ipynb udasa_lib/data.py udasa_lib/truthful_mc.py udasa_lib/sentiment_reward.py udasa_lib/value_probe.py udasa_lib/assets.py data/benign_instructions.jsonl
 	$(STAGE) 00_data
 
 $(RUN_DIR)/01_sample/manifest.json: $(RUN_DIR)/00_data/manifest.json notebooks/01_sample.ipynb udasa_lib/sample.py udasa_lib/models.py
 	$(STAGE) 01_sample
 
-$(RUN_DIR)/02_score/manifest.json: $(RUN_DIR)/01_sample/manifest.json notebooks/02_score.ipynb udasa_lib/score.py udasa_lib/value_probe.py configs/principles.yaml
+$(RUN_DIR)/02_score/manifest.json: $(RUN_DIR)/01_sample/manifest.json notebooks/02_score.ipynb udasa_lib/score.py configs/principles.yaml
 	$(STAGE) 02_score
 
 $(RUN_DIR)/03_stage/manifest.json: $(RUN_DIR)/02_score/manifest.json notebooks/03_stage.ipynb udasa_lib/stage.py udasa_lib/prelim.py udasa_lib/sentiment_reward.py

@@ -25,6 +25,28 @@ def results_root(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shared_results(tmp_path_factory):
+    """One results folder for the session: stage folders are content-addressed, so tests that
+    run the same stage with the same config share it instead of recomputing it."""
+    root = tmp_path_factory.mktemp("shared-results")
+    previous = os.environ.get("UDASA_RESULTS")
+    os.environ["UDASA_RESULTS"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("UDASA_RESULTS", None)
+    else:
+        os.environ["UDASA_RESULTS"] = previous
+
+
+@pytest.fixture(scope="session")
+def smoke_data(shared_results):
+    """00_data of the smoke config, run once (about a minute: it fits the harm probe)."""
+    from udasa_lib import pipeline
+
+    return pipeline.run_stage("00_data", SMOKE_CONFIG)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
     path = assets_dir() / "tiny-random-llama"
     if not (path / "config.json").exists():

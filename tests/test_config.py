@@ -2,7 +2,7 @@
 import pytest
 
 from udasa_lib import config
-from udasa_lib.pipeline import STAGES, stage_key
+from udasa_lib.pipeline import STAGES, StageError, stage_key
 
 from conftest import SMOKE_CONFIG, REPO_ROOT
 
@@ -69,12 +69,15 @@ def test_run_id_deterministic_and_ignores_runtime():
     assert config.run_id(base, "smoke").startswith("smoke-")
 
 
-def test_stage_keys_follow_only_their_sections():
+def test_stage_keys_follow_only_their_sections(smoke_data):
     base = config.resolve(SMOKE_CONFIG)
-    changed = config.resolve(SMOKE_CONFIG, {"sample.temperature": 0.7})
+    changed = config.resolve(SMOKE_CONFIG, {"sample.temperature": 0.7, "runtime.threads": 2})
     assert stage_key(base, "00_data") == stage_key(changed, "00_data")
     assert stage_key(base, "01_sample") != stage_key(changed, "01_sample")
+    assert stage_key(base, "01_sample") == stage_key(config.resolve(SMOKE_CONFIG, {"runtime.threads": 2}), "01_sample")
     data_changed = config.resolve(SMOKE_CONFIG, {"data.split_seed": 3})
-    # a changed upstream stage changes every stage after it
-    assert stage_key(base, "01_sample") != stage_key(data_changed, "01_sample")
-    assert set(STAGES) >= {"00_data", "01_sample"}
+    assert stage_key(base, "00_data") != stage_key(data_changed, "00_data")
+    # a changed upstream must run before anything downstream has a key
+    with pytest.raises(StageError, match="upstream stage 00_data has not finished"):
+        stage_key(data_changed, "01_sample")
+    assert set(STAGES) >= {"00_data", "01_sample", "02_score", "03_stage"}

@@ -8,13 +8,16 @@ from udasa_lib import pipeline
 from conftest import SMOKE_CONFIG
 
 
-def test_stage_chain_writes_manifests_and_reuses_done_stages(results_root):
-    data = pipeline.run_stage("00_data", SMOKE_CONFIG)
+def test_stage_chain_writes_manifests_and_reuses_done_stages(smoke_data):
+    data = smoke_data
     first = pipeline.run_stage("01_sample", SMOKE_CONFIG)
     manifest = json.loads((first.run_dir / "01_sample" / "manifest.json").read_text())
     assert manifest["key"] == first.key and manifest["params"]["sample"]["k"] == 3
     assert "samples.jsonl" in manifest["outputs"] and "01_sample.ipynb" in manifest["outputs"]
     assert manifest["upstream"]["00_data"]["key"] == data.key
+    data_manifest = json.loads((data.dir / "manifest.json").read_text())
+    assert data_manifest["extra"]["harm_probe"]["accuracy"] > 0.5
+    assert 0.5 < data_manifest["extra"]["sentiment_reward"]["accuracy"] <= 1
     assert {"commit", "dirty"} <= set(manifest["git"]) and manifest["packages"]["torch"] != "absent"
     assert (first.run_dir / "config.json").exists()
 
@@ -32,8 +35,7 @@ def test_stage_refuses_to_run_before_its_upstream(results_root):
         pipeline.open_stage("01_sample", SMOKE_CONFIG)
 
 
-def test_failed_stage_writes_no_manifest(results_root):
-    pipeline.run_stage("00_data", SMOKE_CONFIG)
+def test_failed_stage_writes_no_manifest(smoke_data):
     overrides = {"model.name_or_path": "./no/such/model"}
     with pytest.raises(pipeline.StageError, match="01_sample failed"):
         pipeline.run_stage("01_sample", SMOKE_CONFIG, overrides)
@@ -66,3 +68,22 @@ def test_makefile_rules_match_the_stage_registry():
         assert rule is not None, f"Makefile has no rule for {spec.name}"
         deps = set(rule.split(":", 1)[1].split())
         assert set(spec.code) | set(spec.inputs) <= deps, spec.name
+
+
+def test_score_and_stage_through_papermill(smoke_data):
+    pipeline.run_stage("01_sample", SMOKE_CONFIG)
+    scored = pipeline.run_stage("02_score", SMOKE_CONFIG)
+    staged = pipeline.run_stage("03_stage", SMOKE_CONFIG)
+    score_manifest = json.loads((scored.dir / "manifest.json").read_text())
+    assert set(score_manifest["extra"]["seconds"]) >= {"semantic_factual", "value_alignment", "value_sentiment"}
+    from udasa_lib import stage as staging
+    from udasa_lib.io import read_jsonl
+
+    pairs = read_jsonl(staged.dir / "pairs.jsonl", staging.PAIR_SCHEMA)
+    assert pairs and {p["task"] for p in pairs} == {"alignment", "sentiment"}
+    assert {p["stage"] for p in pairs} <= set(staging.STAGE_NAMES)
+    for dimension in ("semantic", "factual", "value"):
+        assert (staged.dir / f"pairs_{dimension}.jsonl").exists()
+    manifest = json.loads((staged.dir / "manifest.json").read_text())
+    assert manifest["extra"]["pair_sets"]["combined"]["pairs"] == len(pairs)
+    assert "spearman_u_vs_reward" in manifest["extra"]["preliminary_study"]

@@ -48,13 +48,9 @@ def test_same_seed_same_samples(tiny_model):
     assert a == b and a != c
 
 
-def _run_data(results_root):
-    return pipeline.run_stage("00_data", SMOKE_CONFIG)
-
-
-def test_resume_gives_the_uninterrupted_file(results_root):
-    _run_data(results_root)
-    stage = pipeline.open_stage("01_sample", SMOKE_CONFIG)
+def test_resume_gives_the_uninterrupted_file(smoke_data):
+    # an override of its own gives this test a 01_sample folder no other test touches
+    stage = pipeline.open_stage("01_sample", SMOKE_CONFIG, {"sample.top_p": 0.99})
     sample.run_sampling(stage)
     full = (stage.dir / sample.SAMPLES_FILE).read_bytes()
     shards = sorted((stage.dir / "shards").rglob("*.jsonl"))
@@ -85,8 +81,7 @@ def test_malformed_samples_name_the_record(tmp_path):
         sample.load_samples(path)
 
 
-def test_too_few_prompts_is_an_error(results_root):
-    _run_data(results_root)
+def test_too_few_prompts_is_an_error(smoke_data):
     stage = pipeline.open_stage("01_sample", SMOKE_CONFIG, {"sample.tasks.sentiment.sources.sentiment_train": 999})
     with pytest.raises(ValueError, match="sentiment_train' has 16 prompts, 999 requested"):
         sample.run_sampling(stage)

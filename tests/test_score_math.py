@@ -189,3 +189,28 @@ def test_ground_truth_reward_is_not_reachable_from_scoring():
         imported = {getattr(n, "module", None) or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not any("sentiment_reward" in name for name in imported), module
+
+
+def test_empty_generations_are_scored_not_crashed_on():
+    from udasa_lib import config
+    from conftest import SMOKE_CONFIG
+
+    cfg = config.resolve(SMOKE_CONFIG).score
+    record = {"prompt_id": "p", "task": "sentiment", "responses": [
+        {"sample_id": "p-s0", "text": "", "token_logprobs": [], "token_ids": []},
+        {"sample_id": "p-s1", "text": "A fine film. I liked it.", "token_logprobs": [-1.0, -2.0], "token_ids": [1, 2]},
+        {"sample_id": "p-s2", "text": "A fine movie. I enjoyed it.", "token_logprobs": [-1.5], "token_ids": [3]}]}
+    result = score.score_prompt(record, cfg, score.Embedder(cfg.embedder), None)
+    assert result["factual"]["u"][0] == 1.0 and result["empty"] == [True, False, False]
+    assert all(0 <= u <= 1 for u in result["semantic"]["u"])
+    assert result["semantic"]["n_clusters"] in (2, 3)
+
+
+def test_a_single_response_is_a_clear_error():
+    from udasa_lib import config
+    from conftest import SMOKE_CONFIG
+
+    cfg = config.resolve(SMOKE_CONFIG).score
+    record = {"prompt_id": "lonely", "task": "t", "responses": [{"sample_id": "x", "text": "a", "token_logprobs": []}]}
+    with pytest.raises(ValueError, match="prompt lonely: 1 response"):
+        score.score_prompt(record, cfg, None, None)

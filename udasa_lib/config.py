@@ -50,6 +50,8 @@ class DataConfig:
     sentiment_train_prompts: int
     sentiment_test_prompts: int
     sentiment_classifier_reviews: int  # reviews reserved for the ground-truth classifier
+    probe_embedder: str  # sentence-transformers id or folder for the harm probe
+    probe_seed: int  # seeds the harm probe's train/held-out split
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,6 @@ class ValueConfig:
     judge: str  # judge LM for self_judge; empty = the policy itself
     principles: str  # YAML file: task -> the principle the judge checks
     batch_size: int
-    probe_seed: int  # seeds the harm probe's train/held-out split
 
 
 @dataclass(frozen=True)

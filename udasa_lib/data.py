@@ -221,3 +221,27 @@ def write_splits(splits: dict[str, list[dict]], out_dir: Path) -> list[dict]:
         rows.append({"file": path.name, "rows": len(records), "sha256": sha256_file(path), "sources": sources})
     atomic_write_json(out_dir / "data_manifest.json", rows)
     return rows
+
+
+SENTIMENT_REWARD_FILE = "sentiment_reward.joblib"
+
+
+def fit_reference_models(splits: dict[str, list[dict]], cfg, out_dir: Path) -> dict:
+    """Fit the two models that depend on data only, once per data version:
+
+    - the sentiment task's ground-truth reward (the evaluator), on the reserved reviews;
+    - the harm probe (the alignment task's value scorer in the CPU config), on the labelled
+      pyrit responses, minus any example whose prompt is a held-out harmful test prompt.
+    Returns the held-out metrics of both.
+    """
+    from udasa_lib.score import HARM_PROBE_FILE, HARM_PROBE_METRICS
+    from udasa_lib.sentiment_reward import fit_sentiment_reward
+    from udasa_lib.value_probe import fit_probe, load_probe_examples
+
+    reward, reward_metrics = fit_sentiment_reward(splits["sentiment_classifier"], seed=cfg.split_seed)
+    reward.save(out_dir / SENTIMENT_REWARD_FILE)
+    examples = load_probe_examples(exclude_prompts=[r["text"] for r in splits["harmful_test"]])
+    probe, probe_metrics = fit_probe(examples, embedder_path=cfg.probe_embedder, seed=cfg.probe_seed)
+    probe.save(out_dir / HARM_PROBE_FILE)
+    atomic_write_json(out_dir / HARM_PROBE_METRICS, probe_metrics)
+    return {"sentiment_reward": reward_metrics, "harm_probe": probe_metrics}

@@ -6,8 +6,8 @@ Layout of results/ (everything in it is made, and deletable):
     results/<run_id>/NN_<stage>  ->  results/.stages/NN_<stage>/<key>/   (relative symlink)
     results/.stages/NN_<stage>/<key>/      the stage's outputs, executed notebook, manifest.json
 
-A stage's key hashes what determines its outputs: its config sections, the seed, the keys of
-its upstream stages, the code of its notebook and module, and its data inputs. Two runs that
+A stage's key hashes what determines its outputs: its config sections, the seed, the sha256 of
+the upstream products it reads, the code of its notebook and module, and its data inputs. Two runs that
 agree on all of that share the stage folder, so changing a training knob reruns training and
 what follows it, never sampling. A stage is done only once manifest.json is in its folder;
 an interrupted stage keeps its partial work in the same keyed folder and resumes there.
@@ -15,6 +15,7 @@ an interrupted stage keeps its partial work in the same keyed folder and resumes
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib.metadata
 import json
 import os
@@ -33,10 +34,11 @@ from udasa_lib.io import atomic_write_json, sha256_file, sha256_json
 @dataclass(frozen=True)
 class StageSpec:
     name: str
-    sections: tuple[str, ...]  # config sections the stage reads
+    sections: tuple[str, ...]  # config sections (and top-level keys such as seed) the stage reads
     upstream: tuple[str, ...]
     code: tuple[str, ...]  # repo-relative files whose content defines the computation
     inputs: tuple[str, ...] = ()  # repo-relative data files read directly
+    products: tuple[str, ...] = ("*.jsonl",)  # globs of the outputs downstream stages read
 
     @property
     def notebook(self) -> Path:
@@ -51,25 +53,26 @@ STAGES: dict[str, StageSpec] = {
             sections=("data",),
             upstream=(),
             code=("notebooks/00_data.ipynb", "udasa_lib/data.py", "udasa_lib/truthful_mc.py",
-                  "udasa_lib/sentiment_reward.py", "udasa_lib/assets.py"),
+                  "udasa_lib/sentiment_reward.py", "udasa_lib/value_probe.py", "udasa_lib/assets.py"),
             inputs=("data/benign_instructions.jsonl",),
+            products=("*.jsonl", "*.joblib"),
         ),
         StageSpec(
             "01_sample",
-            sections=("model", "sample"),
+            sections=("seed", "model", "sample"),
             upstream=("00_data",),
             code=("notebooks/01_sample.ipynb", "udasa_lib/sample.py", "udasa_lib/models.py"),
         ),
         StageSpec(
             "02_score",
-            sections=("model", "score"),
-            upstream=("01_sample",),
-            code=("notebooks/02_score.ipynb", "udasa_lib/score.py", "udasa_lib/value_probe.py"),
+            sections=("seed", "model", "score"),
+            upstream=("00_data", "01_sample"),
+            code=("notebooks/02_score.ipynb", "udasa_lib/score.py"),
             inputs=("configs/principles.yaml",),
         ),
         StageSpec(
             "03_stage",
-            sections=("stage",),
+            sections=("seed", "stage"),
             upstream=("00_data", "01_sample", "02_score"),
             code=("notebooks/03_stage.ipynb", "udasa_lib/stage.py", "udasa_lib/prelim.py",
                   "udasa_lib/sentiment_reward.py"),
@@ -106,16 +109,33 @@ def _code_fingerprint(relpath: str) -> str:
 
 
 def stage_key(config: config_mod.Config, stage: str) -> str:
+    """Hash of what determines the stage's outputs. Upstream stages enter through the sha256 of
+    their products (the files this stage reads), not their keys: a code change upstream that
+    leaves its products byte-identical does not rerun what follows (DVC's rule)."""
     spec = STAGES[stage]
     payload = {
         "stage": stage,
-        "seed": config.seed,
         "params": {s: _as_plain(config.section(s)) for s in spec.sections},
-        "upstream": {u: stage_key(config, u) for u in spec.upstream},
+        "upstream": {u: products_fingerprint(config, u) for u in spec.upstream},
         "code": {f: _code_fingerprint(f) for f in spec.code},
         "inputs": {f: sha256_file(REPO_ROOT / f) for f in spec.inputs},
     }
     return sha256_json(payload)[:16]
+
+
+def stage_dir(config: config_mod.Config, stage: str) -> Path:
+    return results_root() / ".stages" / stage / stage_key(config, stage)
+
+
+def products_fingerprint(config: config_mod.Config, stage: str) -> str:
+    """sha256 over the stage's products as its manifest lists them; the stage must be done."""
+    manifest = stage_dir(config, stage) / MANIFEST
+    if not manifest.exists():
+        raise StageError(f"upstream stage {stage} has not finished for this config (run it first)")
+    outputs = json.loads(manifest.read_text())["outputs"]
+    products = {name: digest for name, digest in outputs.items()
+                if any(fnmatch.fnmatch(name, pattern) for pattern in STAGES[stage].products)}
+    return sha256_json(products)
 
 
 def _as_plain(section: Any) -> Any:
@@ -169,15 +189,15 @@ def open_stage(
     rid = config_mod.run_id(cfg, run_name_for(config_path, run_name))
     root = results_root()
     run_dir = root / rid
-    key = stage_key(cfg, stage)
-    store = root / ".stages" / stage / key
     upstream = {}
     for up in STAGES[stage].upstream:
-        up_dir = root / ".stages" / up / stage_key(cfg, up)
+        up_dir = stage_dir(cfg, up)
         if not (up_dir / MANIFEST).exists():
             raise StageError(f"{stage}: upstream stage {up} has not finished for run {rid} (run it first)")
         upstream[up] = up_dir
         _link(run_dir / up, up_dir)
+    key = stage_key(cfg, stage)
+    store = root / ".stages" / stage / key
     store.mkdir(parents=True, exist_ok=True)
     _link(run_dir / stage, store)
     resolved = run_dir / "config.json"
@@ -328,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = config_mod.resolve(_repo_path(args.config), overrides)
             for stage in STAGES:
-                key = stage_key(cfg, stage)
+                try:
+                    key = stage_key(cfg, stage)
+                except StageError:
+                    print(f"{stage:14s} {'-' * 16}  waits for an upstream stage")
+                    continue
                 done = (results_root() / ".stages" / stage / key / MANIFEST).exists()
                 print(f"{stage:14s} {key}  {'done' if done else 'to run'}")
     except (config_mod.ConfigError, StageError) as error:

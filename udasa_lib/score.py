@@ -19,6 +19,7 @@ deliberately not imported here: nothing that selects training data may see it.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -29,6 +30,8 @@ import numpy as np
 DIMENSIONS = ("semantic", "factual", "value")
 SCORE_SCHEMA = {"prompt_id": str, "task": str, "sample_ids": list, "semantic": dict, "factual": dict, "value": dict}
 SCORES_FILE = "scores.jsonl"
+HARM_PROBE_FILE = "harm_probe.joblib"  # fitted by 00_data: it depends on data, not on samples
+HARM_PROBE_METRICS = "harm_probe_metrics.json"
 
 
 # ----------------------------------------------------------------------------- semantic
@@ -196,7 +199,7 @@ class Embedder:
         if missing:
             vectors = self.model.encode(missing, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
             self.cache.update(zip(missing, vectors))
-        dim = self.model.get_sentence_embedding_dimension()
+        dim = self.model.get_embedding_dimension()
         return np.stack([self.cache[t] for t in texts]) if texts else np.zeros((0, dim))
 
 
@@ -312,7 +315,7 @@ def value_scores(records: list[dict], scorer: str, cfg, model_cfg, principles: d
     raise ValueError(f"score.value.scorers: unknown scorer {scorer!r} (self_judge, harm_probe, vader)")
 
 
-def score_samples(records: list[dict], stage_cfg, model_cfg, runtime, principles: dict,
+def score_samples(records: list[dict], stage_cfg, model_cfg, runtime, principles: dict, harm_probe=None,
                   progress: bool = True) -> tuple[list[dict], dict]:
     """Score every record; returns (per-prompt score records, scorer report with timings and accuracies)."""
     from tqdm.auto import tqdm
@@ -326,18 +329,13 @@ def score_samples(records: list[dict], stage_cfg, model_cfg, runtime, principles
     by_task: dict[str, list[int]] = {}
     for index, record in enumerate(records):
         by_task.setdefault(record["task"], []).append(index)
-    harm_probe = None
     for task, indices in by_task.items():
         scorer = stage_cfg.value.scorers.get(task)
         if scorer is None:
             raise ValueError(f"score.value.scorers has no scorer for task {task!r}")
         begin = time.time()
         if scorer == "harm_probe" and harm_probe is None:
-            from udasa_lib.value_probe import fit_probe, load_probe_examples
-
-            harm_probe, metrics = fit_probe(load_probe_examples(), embedder_path=stage_cfg.embedder,
-                                            seed=stage_cfg.value.probe_seed)
-            report["scorers"]["harm_probe"] = metrics
+            raise ValueError("score.value.scorers asks for harm_probe but no fitted probe was given")
         p_aligned = value_scores([records[i] for i in indices], scorer, stage_cfg.value, model_cfg, principles,
                                  runtime, harm_probe)
         report["seconds"][f"value_{task}"] = round(time.time() - begin, 2)
@@ -371,9 +369,16 @@ def run_scoring(stage) -> dict:
     from udasa_lib.sample import SAMPLES_FILE, load_samples
 
     configure_threads(stage.config.runtime.threads)
+    from udasa_lib.value_probe import HarmProbe
+
     records = load_samples(stage.upstream["01_sample"] / SAMPLES_FILE)
+    probe_path = stage.upstream["00_data"] / HARM_PROBE_FILE
+    uses_probe = "harm_probe" in stage.config.score.value.scorers.values()
+    harm_probe = HarmProbe.load(probe_path) if uses_probe else None
     scored, report = score_samples(records, stage.config.score, stage.config.model, stage.config.runtime,
-                                   load_principles(stage.config.score.value.principles))
+                                   load_principles(stage.config.score.value.principles), harm_probe)
+    if uses_probe:
+        report["scorers"]["harm_probe"] = json.loads((stage.upstream["00_data"] / HARM_PROBE_METRICS).read_text())
     atomic_write_jsonl(stage.dir / SCORES_FILE, scored)
     atomic_write_json(stage.dir / "scorers.json", report)
     stage.add_to_manifest(scorers=report["scorers"], seconds=report["seconds"])
