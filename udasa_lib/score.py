@@ -192,11 +192,13 @@ class Embedder:
         from udasa_lib.models import resolve_name_or_path
 
         self.model = SentenceTransformer(resolve_name_or_path(name_or_path), device="cpu")
+        self.max_seq_length = self.model.max_seq_length  # the harm probe may share the model and change it
         self.cache: dict[str, np.ndarray] = {}
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         missing = sorted({t for t in texts if t not in self.cache})
         if missing:
+            self.model.max_seq_length = self.max_seq_length
             vectors = self.model.encode(missing, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
             self.cache.update(zip(missing, vectors))
         dim = self.model.get_embedding_dimension()
@@ -327,6 +329,8 @@ def score_samples(records: list[dict], stage_cfg, model_cfg, runtime, principles
     # spend most of their time in call overhead, not in the model.
     texts = [response["text"] for r in records for response in r["responses"]]
     embedder([*texts, *(s for t in texts for s in split_sentences(t))])
+    if harm_probe is not None:
+        harm_probe.share_embedder(embedder.model, stage_cfg.embedder)
     scored = [score_prompt(r, stage_cfg, embedder, nli) for r in tqdm(records, desc="semantic+factual",
                                                                         disable=not progress)]
     report: dict = {"seconds": {"semantic_factual": round(time.time() - started, 2)}, "scorers": {}}

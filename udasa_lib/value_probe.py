@@ -331,6 +331,15 @@ class HarmProbe:
         self.embedder_path = str(embedder_path) if embedder_path is not None else None
         self._embedder = None
 
+    def share_embedder(self, model, name_or_path: str) -> bool:
+        """Reuse an already loaded SentenceTransformer when it is the probe's own embedder."""
+        from udasa_lib.models import resolve_name_or_path
+
+        if Path(_resolve_embedder(self.embedder_path)).resolve() != Path(resolve_name_or_path(name_or_path)).resolve():
+            return False
+        self._embedder = model
+        return True
+
     def _encode(self, texts: list[str], max_tokens: int) -> np.ndarray:
         from sentence_transformers import SentenceTransformer
 
