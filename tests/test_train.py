@@ -252,10 +252,12 @@ def test_training_stage_through_papermill_writes_its_manifest(staged_smoke):
 
 
 def test_two_cpu_processes_train_the_expected_steps_and_save_one_adapter(staged_smoke):
-    overrides = {"runtime.num_processes": 2, "runtime.device": "cpu"}
+    # runtime is not part of the key: another learning rate keeps this run from resuming the
+    # single-process alignment/dpo folder of the test above
+    overrides = {"runtime.num_processes": 2, "runtime.device": "cpu", "train.learning_rate": 4.0e-4}
     stage, log = _train("alignment/dpo", overrides)
     pairs = log["phases"][0]["pairs"]
     cfg = stage.config.train
     assert log["phases"][0]["steps"] == math.ceil(pairs / (cfg.batch_size * 2)) * cfg.epochs["unstaged"]
     assert sorted(p.name for p in (stage.dir / "adapters").iterdir()) == ["1_unstaged", "final"]
-    assert log["world_size"] == 2
+    assert log["world_size"] == 2 and not any(p.get("resumed") for p in log["phases"])

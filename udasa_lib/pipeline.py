@@ -375,6 +375,9 @@ def run_stage(
         )
     except Exception as error:  # papermill wraps the notebook's exception; keep its message
         raise StageError(f"{label} failed (no manifest written): {error}") from None
+    if stage_key(run.config, stage, variant) != run.key:
+        # its code or inputs were edited while it ran: the outputs may come from either version
+        raise StageError(f"{label}: code or inputs changed while the stage ran; run it again (no manifest written)")
     write_manifest(run, time.time() - started)
     print(f"[{label}] done in {time.time() - started:.1f} s")
     return run

@@ -79,7 +79,9 @@ def semantic_uncertainty(cluster_ids: Sequence[int], probabilities: np.ndarray) 
     k = len(cluster_ids)
     if k < 2:
         raise ValueError("semantic uncertainty needs K >= 2 responses per prompt")
-    return [float(min(1.0, max(0.0, -math.log(probabilities[c]) / math.log(k)))) for c in cluster_ids]
+    # a cluster of empty responses has no likelihood mass under the weighted rule: maximally uncertain
+    return [float(min(1.0, max(0.0, -math.log(probabilities[c]) / math.log(k)))) if probabilities[c] > 0 else 1.0
+            for c in cluster_ids]
 
 
 def length_normalised_likelihood(token_logprobs: Sequence[float]) -> float:

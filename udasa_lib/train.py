@@ -335,7 +335,7 @@ def _write_curves(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False))
 
 
-def train_variant(stage, rank_aware: bool = False) -> dict:
+def train_variant(stage, is_main_process: bool = True, world_size: int = 1) -> dict:
     """Train one (task, method) policy; every phase leaves adapters/<phase>/ and phase.json, so an
     interrupted stage resumes at the first unfinished phase."""
     import torch
@@ -364,7 +364,7 @@ def train_variant(stage, rank_aware: bool = False) -> dict:
     adapters = stage.dir / "adapters"
     log: dict[str, Any] = {"task": task, "method": method, "objective": spec.objective, "pair_set": spec.pair_set,
                            "reference": cfg.train.reference if spec.objective == "dpo" else None,
-                           "phases": [], "threads": threads, "device": str(device)}
+                           "phases": [], "threads": threads, "device": str(device), "world_size": world_size}
     curves: list[dict] = []
     for index, phase in enumerate(phases):
         phase_dir = adapters / f"{index + 1}_{phase}"
@@ -404,31 +404,25 @@ def train_variant(stage, rank_aware: bool = False) -> dict:
                      "epochs": cfg.train.epochs[phase], "beta": cfg.train.beta[phase] if spec.objective == "dpo" else None,
                      "reference_used": reference, "seconds": round(time.time() - started, 2),
                      "pairs_per_s": round(len(records) * cfg.train.epochs[phase] / (time.time() - started), 3)}
-        if trainer.accelerator.is_main_process:
+        if is_main_process:
             model.save_pretrained(phase_dir, selected_adapters=["default"])
             atomic_write_json(done_marker, {"log": phase_log, "curves": phase_curves})
         trainer.accelerator.wait_for_everyone()
         log["phases"].append(phase_log)
-        log["world_size"] = trainer.accelerator.num_processes
         curves.extend(phase_curves)
         del trainer
-    if not rank_aware or _is_main():
+    if is_main_process:
         final = adapters / "final"
-        if final.exists():
-            shutil.rmtree(final)
-        last = adapters / f"{len(phases)}_{phases[-1]}"
-        shutil.copytree(last, final, ignore=shutil.ignore_patterns(PHASE_DONE))
+        staging = adapters / ".final.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(adapters / f"{len(phases)}_{phases[-1]}", staging, ignore=shutil.ignore_patterns(PHASE_DONE))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
         _write_curves(stage.dir / CURVES_FILE, curves)
         log["adapter_sha256"] = adapter_hash(final)
         atomic_write_json(stage.dir / TRAIN_LOG, log)
         shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
     return log
-
-
-def _is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 def adapter_hash(adapter_dir: Path) -> str:
@@ -475,8 +469,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="")
     parser.add_argument("--variant", required=True)
     args = parser.parse_args(argv)
+    import os
+
+    import torch.distributed as dist
+
+    # torchrun's variables: the Trainer's accelerator joins the process group itself (gloo on CPU)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     stage = open_stage("04_train", args.config, args.overrides, args.name or None, args.variant)
-    train_variant(stage, rank_aware=True)
+    train_variant(stage, rank == 0, world_size)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
     return 0
 
 
