@@ -213,6 +213,20 @@ def test_reference_policy_follows_the_knob(staged_smoke, reference):
         assert (first_of_later_stages["rewards/chosen"] != 0).all()
 
 
+def test_on_policy_rounds_resample_each_later_stage_with_the_current_policy(staged_smoke):
+    from udasa_lib.io import read_jsonl
+
+    stage, log = _train("alignment/udasa", {"train.on_policy": True})
+    first, *later = log["phases"]
+    assert first["on_policy"] is None
+    for phase in later:
+        rounds = phase["on_policy"]
+        assert rounds["prompts"] >= 1 and rounds["pairs"] == phase["pairs"] >= 1
+        fresh = read_jsonl(stage.dir / "adapters" / f"{phase['index']}_{phase['phase']}_on_policy_pairs.jsonl")
+        assert {p["stage"] for p in fresh} == {phase["phase"]}
+        assert all(f"-round{phase['index'] - 1}-" in p["chosen_sample_id"] for p in fresh)
+
+
 def test_same_seed_same_adapter(staged_smoke):
     import shutil
 

@@ -147,6 +147,7 @@ class TrainConfig:
     gradient_accumulation_steps: int
     max_length: int  # prompt + completion tokens
     reference: Literal["initial", "previous"]  # DPO reference per stage: pi_0, or the policy at stage start
+    on_policy: bool  # staged methods: re-sample, re-score and re-pair each later stage's prompts with the current policy
     gradient_checkpointing: bool
     lora: LoraSettings
     ual: UALSettings

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from udasa_lib.io import atomic_write_json, atomic_write_text, read_jsonl, sha256_file
+from udasa_lib.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, sha256_file
 
 PAIRS_FILES = {"combined": "pairs.jsonl", "semantic": "pairs_semantic.jsonl", "factual": "pairs_factual.jsonl",
                "value": "pairs_value.jsonl"}
@@ -279,6 +279,51 @@ def smoothing_for(rows: list[dict], spec: MethodSpec, ual) -> dict[str, float] |
     return {r["pair_id"]: e for r, e in zip(rows, values)}
 
 
+# --- on-policy rounds ---------------------------------------------------------------------------
+
+def resample_phase(stage, model, tokenizer, rows: list[dict], spec: MethodSpec, phase: str, index: int) -> tuple[list[dict], dict]:
+    """On-policy round: the current policy re-samples this stage's prompts (K responses each, the
+    01_sample settings), 02_score's scorers re-score them and 03_stage's rule re-pairs them; every
+    new pair stays in this stage. A self_judge value scorer is the configured judge (or pi_0)."""
+    from udasa_lib import sample, score
+    from udasa_lib import stage as staging
+    from udasa_lib.value_probe import HarmProbe
+
+    cfg = stage.config
+    task = rows[0]["task"]
+    task_cfg = cfg.sample.tasks[task]
+    started = time.time()
+    model.eval()
+    tokenizer.padding_side = "left"  # generation appends on the right
+    records = []
+    try:
+        for start in range(0, len(rows), cfg.sample.batch_prompts):
+            batch = rows[start: start + cfg.sample.batch_prompts]
+            generations = sample.generate_batch(
+                model, tokenizer, [r["formatted_prompt"] for r in batch], k=cfg.sample.k,
+                temperature=cfg.sample.temperature, top_p=cfg.sample.top_p, top_k=cfg.sample.top_k,
+                max_new_tokens=task_cfg.max_new_tokens, seed=sample.batch_seed(cfg.seed + 1000 * index, task, start))
+            for row, responses in zip(batch, generations):
+                for j, response in enumerate(responses):
+                    response["sample_id"] = f"{row['prompt_id']}-round{index}-s{j}"
+                records.append({"prompt_id": row["prompt_id"], "task": task, "prompt": row["prompt"],
+                                "formatted_prompt": row["formatted_prompt"], "responses": responses})
+    finally:
+        tokenizer.padding_side = "right"
+        model.train()
+    scorers = cfg.score.value.scorers
+    probe = HarmProbe.load(stage.upstream["00_data"] / score.HARM_PROBE_FILE) if "harm_probe" in scorers.values() else None
+    scored, _ = score.score_samples(records, cfg.score, cfg.model, cfg.runtime,
+                                    score.load_principles(cfg.score.value.principles), probe, progress=False)
+    weights = cfg.stage.weights if spec.pair_set == "combined" else staging.ablation_weights(spec.pair_set)
+    pairs, dropped = staging.build_pairs(records, scored, weights, cfg.stage.rejected_strategy, cfg.stage.tie_epsilon,
+                                         (), cfg.seed)
+    for pair in pairs:
+        pair["stage"] = phase
+    return pairs, {"prompts": len(records), "pairs": len(pairs), "dropped": dropped,
+                   "seconds": round(time.time() - started, 2)}
+
+
 # --- the stage ----------------------------------------------------------------------------------
 
 def _trainer_args(cfg, phase: str, output_dir: Path, objective: str, device: str, bf16: bool):
@@ -382,6 +427,14 @@ def train_variant(stage, is_main_process: bool = True, world_size: int = 1) -> d
         if model is None:
             model = (PeftModel.from_pretrained(base, resume_from, is_trainable=True) if resume_from
                      else _new_adapter(base, cfg))
+        on_policy = None
+        if cfg.train.on_policy and spec.staged and index > 0:
+            fresh, on_policy = resample_phase(stage, model, tokenizer, phase_rows(rows, phase), spec, phase, index)
+            atomic_write_jsonl(phase_dir.with_name(f"{phase_dir.name}_on_policy_pairs.jsonl"), fresh)
+            records = training_records(fresh, spec, smoothing_for(fresh, spec, cfg.train.ual))
+            if not records:
+                raise TrainingError(f"04_train {stage.variant}: the on-policy round of stage {phase!r} left zero "
+                                    f"pairs (dropped: {on_policy['dropped']})")
         set_seed(cfg.seed + index)
         from datasets import Dataset
 
@@ -402,7 +455,7 @@ def train_variant(stage, is_main_process: bool = True, world_size: int = 1) -> d
         phase_curves = _log_rows(trainer.state.log_history, phase)
         phase_log = {"phase": phase, "index": index + 1, "pairs": len(records), "steps": trainer.state.global_step,
                      "epochs": cfg.train.epochs[phase], "beta": cfg.train.beta[phase] if spec.objective == "dpo" else None,
-                     "reference_used": reference, "seconds": round(time.time() - started, 2),
+                     "reference_used": reference, "on_policy": on_policy, "seconds": round(time.time() - started, 2),
                      "pairs_per_s": round(len(records) * cfg.train.epochs[phase] / (time.time() - started), 3)}
         if is_main_process:
             model.save_pretrained(phase_dir, selected_adapters=["default"])
