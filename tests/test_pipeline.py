@@ -94,9 +94,10 @@ def test_training_variants_come_from_the_config_and_do_not_enter_the_key():
     from udasa_lib import config as config_mod
 
     cfg = config_mod.resolve(SMOKE_CONFIG)
-    assert pipeline.variants(cfg, "04_train") == [f"{t}/{m}" for t in cfg.train.tasks for m in cfg.train.methods]
+    assert pipeline.variants(cfg, "04_train") == [f"{t}/{m}" for t, ms in cfg.train.methods.items() for m in ms]
     assert pipeline.variants(cfg, "03_stage") == [""]
-    more = config_mod.resolve(SMOKE_CONFIG, {"train.methods": [*cfg.train.methods, "udasa_value"]})
+    more = config_mod.resolve(SMOKE_CONFIG, {"train.methods": {**cfg.train.methods, "sentiment": ["udasa_value"]}})
+    assert pipeline.variants(more, "04_train")[-1] == "sentiment/udasa_value"
     # adding a method must not retrain the others: the lists are not among the hashed params
     assert pipeline._stage_params(cfg, "04_train") == pipeline._stage_params(more, "04_train")
     assert "methods" not in pipeline._stage_params(cfg, "04_train")["train"]

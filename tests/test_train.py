@@ -163,7 +163,8 @@ def staged_smoke(smoke_data):
 
 
 def _train(variant: str, overrides: dict | None = None):
-    stage = pipeline.open_stage("04_train", SMOKE_CONFIG, {"train.methods": ALL_METHODS, **(overrides or {})},
+    stage = pipeline.open_stage("04_train", SMOKE_CONFIG, {"train.methods": {"alignment": ALL_METHODS, "sentiment": ALL_METHODS},
+                                                      **(overrides or {})},
                                 variant=variant)
     return stage, train.run_training(stage)
 

@@ -137,8 +137,7 @@ class UALSettings:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    tasks: tuple[str, ...]  # one model per (task, method)
-    methods: tuple[TrainMethod, ...]
+    methods: dict[str, tuple[TrainMethod, ...]]  # task -> methods; one LoRA policy per (task, method)
     beta: dict[str, float]  # per stage (conservative, moderate, exploratory) and `unstaged` (dpo, ual_dpo)
     epochs: dict[str, int]  # same keys as beta; sft and ual_sft use `unstaged`
     learning_rate: float
@@ -154,6 +153,37 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalHarmlessConfig:
+    harmful_prompts: int  # held-out harmful prompts (first n of harmful_test)
+    benign_prompts: int  # held-out benign instructions: over-refusal here, win rate in 05_eval_winrate
+    max_new_tokens: int
+    batch_size: int  # prompts per generate call (greedy decoding)
+
+
+@dataclass(frozen=True)
+class EvalWinrateConfig:
+    judge: str  # causal LM that judges the pairs; empty = the base policy (model.name_or_path)
+    max_length: int  # judge prompt tokens; each output is cut to fit
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class EvalLmevalConfig:
+    tasks: tuple[str, ...]  # repo task names (udasa_lib/lm_eval_tasks/*.yaml) or lm-eval built-ins (need the hub)
+    limit: int  # questions per task; 0 = all
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class EvalSentimentConfig:
+    prompts: int  # held-out IMDb prefixes (first n of sentiment_test)
+    samples_per_prompt: int
+    max_new_tokens: int
+    temperature: float  # sampling temperature of the evaluated policy (DPO App. C samples at 1.0)
+    batch_size: int
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int
     model: ModelConfig
@@ -163,6 +193,11 @@ class Config:
     score: ScoreConfig
     stage: StageConfig
     train: TrainConfig
+    eval_harmless: EvalHarmlessConfig
+    eval_winrate: EvalWinrateConfig
+    eval_lmeval: EvalLmevalConfig
+    eval_sentiment: EvalSentimentConfig
+    bootstrap_samples: int  # resamples of prompts for every 95 % confidence interval
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

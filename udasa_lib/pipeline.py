@@ -84,10 +84,44 @@ STAGES: dict[str, StageSpec] = {
             upstream=("00_data", "01_sample", "02_score", "03_stage"),
             code=("notebooks/04_train.ipynb", "udasa_lib/train.py", "udasa_lib/models.py"),
             products=("adapters/final/*",),
-            variants=("train.tasks", "train.methods"),  # one trained policy per task/method
+            variants=("train.methods",),  # one trained policy per task/method
+        ),
+        StageSpec(
+            "05_eval_harmless",
+            sections=("seed", "model", "eval_harmless", "bootstrap_samples"),
+            upstream=("00_data", "04_train"),
+            code=("notebooks/05_eval_harmless.ipynb", "udasa_lib/evaluate.py", "udasa_lib/value_probe.py",
+                  "udasa_lib/stats.py", "udasa_lib/models.py"),
+            products=("generations/*.jsonl", "metrics.jsonl"),
+        ),
+        StageSpec(
+            "05_eval_winrate",
+            sections=("seed", "model", "eval_winrate", "bootstrap_samples"),
+            upstream=("05_eval_harmless",),
+            code=("notebooks/05_eval_winrate.ipynb", "udasa_lib/evaluate.py", "udasa_lib/winrate.py",
+                  "udasa_lib/stats.py", "udasa_lib/models.py"),
+            products=("metrics.jsonl", "annotations.jsonl"),
+        ),
+        StageSpec(
+            "05_eval_lmeval",
+            sections=("seed", "model", "eval_lmeval", "bootstrap_samples"),
+            upstream=("00_data", "04_train"),
+            code=("notebooks/05_eval_lmeval.ipynb", "udasa_lib/evaluate.py", "udasa_lib/lmeval.py",
+                  "udasa_lib/stats.py", "udasa_lib/lm_eval_tasks/udasa_truthful_mc.yaml"),
+            products=("metrics.jsonl", "lm_eval/*"),
+        ),
+        StageSpec(
+            "05_eval_sentiment",
+            sections=("seed", "model", "eval_sentiment", "bootstrap_samples"),
+            upstream=("00_data", "04_train"),
+            code=("notebooks/05_eval_sentiment.ipynb", "udasa_lib/evaluate.py", "udasa_lib/sentiment_reward.py",
+                  "udasa_lib/stats.py", "udasa_lib/models.py"),
+            products=("metrics.jsonl", "generations/*.jsonl"),
         ),
     )
 }
+
+EVAL_STAGES = tuple(name for name in STAGES if name.startswith("05_eval_"))
 
 MANIFEST = "manifest.json"
 MANIFEST_EXTRA = "manifest_extra.json"
@@ -118,14 +152,16 @@ def _code_fingerprint(relpath: str) -> str:
 
 
 def variants(config: config_mod.Config, stage: str) -> list[str]:
-    """`task/method` names of a stage with variants (the product of its variant lists), else [""]."""
+    """Variant names of a stage, else [""]. A list-valued key contributes its items, a mapping
+    `task -> [methods]` contributes `task/method`; several keys multiply."""
     spec = STAGES[stage]
     if not spec.variants:
         return [""]
-    lists = [_dotted(config, key) for key in spec.variants]
     names = [""]
-    for values in lists:
-        names = [f"{prefix}/{v}" if prefix else v for prefix in names for v in values]
+    for key in spec.variants:
+        value = _dotted(config, key)
+        items = [f"{k}/{v}" for k, vs in value.items() for v in vs] if isinstance(value, Mapping) else list(value)
+        names = [f"{prefix}/{v}" if prefix else v for prefix in names for v in items]
     return names
 
 
@@ -179,14 +215,18 @@ def stage_dir(config: config_mod.Config, stage: str, variant: str = "") -> Path:
 
 
 def products_fingerprint(config: config_mod.Config, stage: str) -> str:
-    """sha256 over the stage's products as its manifest lists them; the stage must be done."""
-    manifest = stage_dir(config, stage) / MANIFEST
-    if not manifest.exists():
-        raise StageError(f"upstream stage {stage} has not finished for this config (run it first)")
-    outputs = json.loads(manifest.read_text())["outputs"]
-    products = {name: digest for name, digest in outputs.items()
-                if any(fnmatch.fnmatch(name, pattern) for pattern in STAGES[stage].products)}
-    return sha256_json(products)
+    """sha256 over the stage's products as its manifest lists them, over all its variants (so
+    adding a trained method reruns the evaluations); the stage must be done."""
+    per_variant = {}
+    for variant in variants(config, stage):
+        manifest = stage_dir(config, stage, variant) / MANIFEST
+        if not manifest.exists():
+            label = f"{stage} {variant}".strip()
+            raise StageError(f"upstream stage {label} has not finished for this config (run it first)")
+        outputs = json.loads(manifest.read_text())["outputs"]
+        per_variant[variant] = {name: digest for name, digest in outputs.items()
+                                if any(fnmatch.fnmatch(name, pattern) for pattern in STAGES[stage].products)}
+    return sha256_json(per_variant[""] if list(per_variant) == [""] else per_variant)
 
 
 def _as_plain(section: Any) -> Any:
@@ -244,11 +284,13 @@ def open_stage(
     run_dir = root / rid
     upstream = {}
     for up in STAGES[stage].upstream:
-        up_dir = stage_dir(cfg, up)
-        if not (up_dir / MANIFEST).exists():
-            raise StageError(f"{stage}: upstream stage {up} has not finished for run {rid} (run it first)")
-        upstream[up] = up_dir
-        _link(run_dir / up, up_dir)
+        for up_variant in variants(cfg, up):  # a stage with variants is upstream as "04_train/task/method"
+            up_dir = stage_dir(cfg, up, up_variant)
+            label = f"{up}/{up_variant}" if up_variant else up
+            if not (up_dir / MANIFEST).exists():
+                raise StageError(f"{stage}: upstream stage {label} has not finished for run {rid} (run it first)")
+            upstream[label] = up_dir
+            _link(run_dir / label, up_dir)
     _check_variant(cfg, stage, variant)
     key = stage_key(cfg, stage, variant)
     store = root / ".stages" / stage / key
@@ -381,6 +423,28 @@ def run_stage(
     write_manifest(run, time.time() - started)
     print(f"[{label}] done in {time.time() - started:.1f} s")
     return run
+
+
+def run_through(
+    target: str,
+    config_path: Path | str,
+    overrides: Mapping[str, Any] | None = None,
+    run_name: str | None = None,
+) -> list[StageRun]:
+    """Run `target` and every stage it reads, in graph order, all variants; done stages are skipped
+    by their keys. The Makefile does the same with file targets; sweeps call this in-process."""
+    needed: list[str] = []
+
+    def visit(stage: str) -> None:
+        for up in STAGES[stage].upstream:
+            visit(up)
+        if stage not in needed:
+            needed.append(stage)
+
+    visit(target)
+    cfg = config_mod.resolve(_repo_path(config_path), overrides)
+    return [run_stage(stage, config_path, overrides, run_name, variant=variant)
+            for stage in needed for variant in variants(cfg, stage)]
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:

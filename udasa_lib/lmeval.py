@@ -1,0 +1,127 @@
+"""Truthfulness evaluation through lm-evaluation-harness, on task YAMLs kept in this repo.
+
+Why lm-eval and not our own scorer (truthful_mc.py only builds the data): its scores are the
+ones other papers report, and its config/version block records exactly what was run. The
+repo task `udasa_truthful_mc` (lm_eval_tasks/udasa_truthful_mc.yaml, versions in
+lm_eval_tasks/CHANGELOG.md) scores a local JSONL offline; the built-in `truthfulqa_mc1` /
+`truthfulqa_mc2` need the hub and are only a pass-through here.
+
+Usage::
+
+    from udasa_lib.lmeval import run_truthful, write_results
+    result = run_truthful("HuggingFaceTB/SmolLM2-135M-Instruct", Path("truthful_mc.jsonl"),
+                          adapter_dir=Path("runs/lora"))
+    result["lm_eval"]["results"]["udasa_truthful_mc"]["acc,none"]
+    write_results(result, Path("out"))
+
+Adapters are evaluated unmerged: lm-eval's HFLM wraps the base in peft.PeftModel itself.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from udasa_lib.io import atomic_write_json, atomic_write_jsonl
+
+TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+TASK_FILE = TASKS_DIR / "udasa_truthful_mc.yaml"
+REPO_TASK = "udasa_truthful_mc"
+DATA_PLACEHOLDER = "__UDASA_TRUTHFUL_MC_JSONL__"
+# lm-eval's own TruthfulQA tasks; they download truthfulqa/truthful_qa from the hub.
+BUILTIN_TRUTHFUL_TASKS: tuple[str, ...] = ("truthfulqa_mc1", "truthfulqa_mc2")
+# lm-eval's results JSON minus "samples": that goes to samples.jsonl, reduced to what a
+# bootstrap over questions needs.
+RESULT_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
+               "higher_is_better", "n-samples", "config", "git_hash", "date")
+
+
+def task_config(data_file: Path, task_file: Path = TASK_FILE) -> dict[str, Any]:
+    """The YAML's task dict with the data placeholder replaced by data_file's absolute path."""
+    config = yaml.safe_load(Path(task_file).read_text(encoding="utf-8"))
+    kwargs = config.get("dataset_kwargs") or {}
+    if kwargs.get("data_files") != DATA_PLACEHOLDER:
+        raise ValueError(f"{task_file}: dataset_kwargs.data_files should be {DATA_PLACEHOLDER!r}")
+    data_file = Path(data_file).resolve()
+    if not data_file.is_file():
+        raise FileNotFoundError(data_file)
+    config["dataset_kwargs"] = {**kwargs, "data_files": str(data_file)}
+    return config
+
+
+def _local_or_hub(name: str) -> str:
+    # A relative folder would be re-resolved against whatever cwd lm-eval runs in.
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def _per_question(task: str, samples: list[dict[str, Any]], metrics: Sequence[str]) -> list[dict]:
+    rows = []
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        doc = sample.get("doc") or {}
+        row = {"task": task, "doc_id": sample["doc_id"], "id": doc.get("id"),
+               "target": sample.get("target")}
+        row.update({m: float(sample[m]) for m in metrics if m in sample})
+        # multiple_choice responses are one (loglikelihood, is_greedy) pair per choice
+        row["loglikelihoods"] = [float(r[0]) for r in sample.get("filtered_resps", [])]
+        rows.append(row)
+    return rows
+
+
+def run_truthful(
+    model_name_or_path: str,
+    data_file: Path,
+    adapter_dir: Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str = "float32",
+    task_file: Path = TASK_FILE,
+    seed: int = 0,
+    tasks: Sequence[str] = (REPO_TASK,),
+) -> dict[str, Any]:
+    """Evaluate a model (plus an optional unmerged PEFT adapter) with lm-eval.
+
+    `tasks` may name the repo task and/or lm-eval built-ins (BUILTIN_TRUTHFUL_TASKS); the
+    built-ins need network access. Returns {"lm_eval": lm-eval's results JSON without its
+    samples, made JSON-safe, "per_question": one row per task and doc with the task's
+    metrics (0/1 for acc, acc_norm), target and per-choice log-likelihoods}.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable
+
+    specs: list[str | dict[str, Any]] = [
+        task_config(data_file, task_file) if name == REPO_TASK else name for name in tasks
+    ]
+    model_args = {"pretrained": _local_or_hub(model_name_or_path), "dtype": dtype}
+    if adapter_dir is not None:
+        model_args["peft"] = str(Path(adapter_dir).resolve())
+    # Indexing lm-eval's built-in task YAMLs costs ~9 s; skip it when only ours runs.
+    manager = TaskManager(include_defaults=any(isinstance(s, str) for s in specs))
+    # device and batch_size go only here: HFLM gets them as keywords, and also listing
+    # them in model_args would pass them twice.
+    raw = lm_eval.simple_evaluate(
+        model="hf", model_args=model_args, tasks=specs, task_manager=manager,
+        batch_size=batch_size, device=device, limit=limit, log_samples=True,
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    if raw is None:  # only non-zero ranks of a distributed run get None
+        raise RuntimeError("lm_eval.simple_evaluate returned no results")
+    # Round-trip through json so callers get plain types (numpy scalars, dtypes, sets).
+    safe = json.loads(json.dumps({k: raw[k] for k in RESULT_KEYS if k in raw},
+                                 default=handle_non_serializable))
+    per_question = []
+    for task, samples in raw.get("samples", {}).items():
+        metrics = [m["metric"] for m in safe["configs"][task].get("metric_list", [])]
+        per_question += _per_question(task, samples, metrics)
+    return {"lm_eval": safe, "per_question": per_question}
+
+
+def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """Write lm-eval's JSON to out_dir/results.json and per-question rows to samples.jsonl."""
+    out_dir = Path(out_dir)
+    return (atomic_write_json(out_dir / "results.json", result["lm_eval"]),
+            atomic_write_jsonl(out_dir / "samples.jsonl", result["per_question"]))

@@ -1,0 +1,201 @@
+"""Per-layer cluster tightness of response-token representations (the UAL feature analysis).
+
+UAL (Uncertainty-Aware Learning, arXiv 2406.04854) argues that uncertainty-aware fine-tuning
+tightens the clusters that token representations form, and shows it with silhouette scores per
+layer and 2-D projections. This module supplies the pieces: teacher-forced hidden states of the
+response tokens, cosine silhouette per layer under a chosen labelling (token identity or prompt
+category), a 2-D projection, and the two plots. Notebooks compare base vs. tuned models with it.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def _device_of(model):
+    return next(model.parameters()).device
+
+
+def response_hidden_states(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 8,
+                           max_length: int = 256, layers: list[int] | None = None) -> dict:
+    """Hidden states of the response tokens under teacher forcing.
+
+    Returns token_ids [N] int64, example_index [N] int64 and layers [len(layers) or L+1, N, H]
+    float32 (index 0 is the embedding output; `layers` indexes that L+1 tuple). Over-long pairs
+    keep the prompt's tail and the response's head, the response getting at least half the budget.
+    """
+    import torch
+
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    # Prompts are already chat-formatted, so no extra BOS; tokenising the two parts separately
+    # makes the response boundary exact instead of guessed from offsets.
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else []
+    pairs = []
+    for p, r in zip(prompt_ids, response_ids):
+        n_r = min(len(r), max(max_length - len(p), max_length // 2))
+        n_p = min(len(p), max_length - n_r)
+        pairs.append((p[len(p) - n_p:], r[:n_r]))
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = _device_of(model)
+    token_chunks, index_chunks, state_chunks = [], [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start:start + batch_size]
+        width = max(len(p) + len(r) for p, r in batch)
+        # Right padding: with a causal mask, pads after a sequence cannot change its real tokens,
+        # and the default position ids stay correct without passing them.
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        rows, cols = [], []
+        for row, (p, r) in enumerate(batch):
+            input_ids[row, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+            mask[row, :len(p) + len(r)] = 1
+            rows += [row] * len(r)
+            cols += range(len(p), len(p) + len(r))
+            token_chunks.append(np.asarray(r, dtype=np.int64))
+            index_chunks.append(np.full(len(r), start + row, dtype=np.int64))
+        with torch.inference_mode():
+            out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+        hidden = out.hidden_states
+        chosen = [hidden[i] for i in layers] if layers is not None else list(hidden)
+        rows_t, cols_t = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+        # Gather on the model's device, then move only the response tokens to CPU float32.
+        state_chunks.append(torch.stack([h[rows_t.to(h.device), cols_t.to(h.device)] for h in chosen])
+                            .float().cpu().numpy())
+
+    n_layers = len(layers) if layers is not None else model.config.get_text_config().num_hidden_layers + 1
+    hidden_size = state_chunks[0].shape[-1] if state_chunks else model.config.get_text_config().hidden_size
+    return {
+        "token_ids": np.concatenate(token_chunks) if token_chunks else np.zeros(0, np.int64),
+        "example_index": np.concatenate(index_chunks) if index_chunks else np.zeros(0, np.int64),
+        "layers": (np.concatenate(state_chunks, axis=1) if state_chunks
+                   else np.zeros((n_layers, 0, hidden_size), np.float32)).astype(np.float32, copy=False),
+    }
+
+
+def _drop_singletons(labels: np.ndarray) -> np.ndarray:
+    values, counts = np.unique(labels, return_counts=True)
+    return np.isin(labels, values[counts >= 2])
+
+
+def silhouette_by_layer(hidden: np.ndarray, labels: np.ndarray, metric: str = "cosine", max_points: int = 2000,
+                        seed: int = 0) -> np.ndarray:
+    """Silhouette score of `labels` in every layer of hidden [L, N, H]; returns [L].
+
+    The same token subsample is used in every layer so the curve compares like with like.
+    """
+    from sklearn.metrics import silhouette_score
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    if hidden.ndim != 3 or hidden.shape[1] != len(labels):
+        raise ValueError(f"hidden must be [L, N, H] with N == len(labels); got {hidden.shape} and {len(labels)}")
+    # A label with one member has no within-cluster distance; sklearn would score it 0 and bias the mean.
+    keep = np.flatnonzero(_drop_singletons(labels))
+    if len(keep) > max_points:
+        try:  # stratified keeps rare labels represented; impossible when labels outnumber the budget
+            keep, _ = train_test_split(keep, train_size=max_points, stratify=labels[keep], random_state=seed)
+        except ValueError:
+            keep = np.random.default_rng(seed).choice(keep, size=max_points, replace=False)
+        keep = np.sort(keep)
+        keep = keep[_drop_singletons(labels[keep])]
+    n_labels = len(np.unique(labels[keep]))
+    if n_labels < 2:
+        raise ValueError(f"silhouette needs at least 2 labels with 2+ members each; {n_labels} remain "
+                         f"after dropping single-member labels (from {len(np.unique(labels))} labels)")
+    return np.array([silhouette_score(layer[keep], labels[keep], metric=metric) for layer in hidden],
+                    dtype=np.float64)
+
+
+def top_token_labels(token_ids: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mask [N], labels [mask.sum()]): tokens whose id is among the n most frequent; label = id."""
+    token_ids = np.asarray(token_ids, dtype=np.int64)
+    values, counts = np.unique(token_ids, return_counts=True)
+    order = np.lexsort((values, -counts))  # most frequent first, ties to the smaller id
+    mask = np.isin(token_ids, values[order[:n]])
+    return mask, token_ids[mask]
+
+
+def category_labels(example_index: np.ndarray, categories_per_example: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """(labels [N] int64, names): each token gets its example's category; names[label] is the string."""
+    names = sorted(set(categories_per_example))
+    code = {name: i for i, name in enumerate(names)}
+    per_example = np.array([code[c] for c in categories_per_example], dtype=np.int64)
+    return per_example[np.asarray(example_index, dtype=np.int64)], names
+
+
+def project_2d(points: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
+    """[N, 2] projection of L2-normalised points, so Euclidean geometry mirrors the cosine metric."""
+    from sklearn.decomposition import PCA
+
+    if method != "pca":
+        raise ValueError(f"unknown projection method {method!r} (only 'pca')")
+    points = np.asarray(points, dtype=np.float64)
+    unit = points / np.maximum(np.linalg.norm(points, axis=1, keepdims=True), 1e-12)
+    return PCA(n_components=2, random_state=seed).fit_transform(unit).astype(np.float32)
+
+
+def _save_figure(fig, out_path: Path | str) -> Path:
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def plot_layer_curves(df, out_path: Path | str) -> Path:
+    """Silhouette vs. layer, one line per method, one panel per view (columns method/layer/silhouette/view)."""
+    import seaborn as sns
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, safe headless
+
+    views = list(dict.fromkeys(df["view"]))
+    fig = Figure(figsize=(4.5 * len(views), 3.5))
+    from matplotlib.ticker import MaxNLocator
+
+    axes = fig.subplots(1, len(views), squeeze=False, sharey=True)[0]
+    for i, (ax, view) in enumerate(zip(axes, views)):
+        sns.lineplot(data=df[df["view"] == view], x="layer", y="silhouette", hue="method", marker="o", ax=ax,
+                     legend=i == len(views) - 1)
+        ax.set_title(str(view))
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _save_figure(fig, out_path)
+
+
+def plot_projection_pair(proj_a: np.ndarray, labels_a: np.ndarray, title_a: str, proj_b: np.ndarray,
+                         labels_b: np.ndarray, title_b: str, out_path: Path | str,
+                         label_names: Mapping | None = None, max_legend: int = 20) -> Path:
+    """Two scatter panels side by side, coloured by label with one shared colour per label."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    classes = sorted(set(np.asarray(labels_a).tolist()) | set(np.asarray(labels_b).tolist()))
+    palette = dict(zip(classes, sns.color_palette("husl", len(classes))))
+    fig = Figure(figsize=(10, 4.5))
+    axes = fig.subplots(1, 2)
+    for ax, proj, labels, title in ((axes[0], proj_a, labels_a, title_a), (axes[1], proj_b, labels_b, title_b)):
+        labels = np.asarray(labels)
+        for label in classes:
+            sel = labels == label
+            if sel.any():
+                name = str(label_names.get(label, label) if label_names is not None else label)
+                # Decoded tokens often differ only by leading whitespace; repr makes that visible.
+                ax.scatter(proj[sel, 0], proj[sel, 1], s=6, alpha=0.6, color=palette[label],
+                           label=name if name.strip() == name and name else repr(name))
+        ax.set_title(title)
+    if len(classes) <= max_legend:
+        axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=2, frameon=False)
+    return _save_figure(fig, out_path)
