@@ -157,7 +157,8 @@ class EvalHarmlessConfig:
     harmful_prompts: int  # held-out harmful prompts (first n of harmful_test)
     benign_prompts: int  # held-out benign instructions: over-refusal here, win rate in 05_eval_winrate
     max_new_tokens: int
-    batch_size: int  # prompts per generate call (greedy decoding)
+    temperature: float  # 0 = greedy (default); > 0 samples (the tiny test model only emits text when sampled)
+    batch_size: int  # prompts per generate call
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,15 @@ class EvalSentimentConfig:
 
 
 @dataclass(frozen=True)
+class SilhouetteConfig:
+    responses: int  # base responses of 05_eval_harmless (harmful + benign), teacher-forced through every policy
+    top_tokens: int  # token view: labels = ids of the n most frequent response tokens (UAL's token clustering)
+    max_points: int  # tokens per silhouette computation (deterministic subsample)
+    bootstrap: int  # resamples of responses for the last layer's CI (0 = none)
+    compare: tuple[str, ...]  # two policies whose last-layer projections are drawn side by side
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int
     model: ModelConfig
@@ -197,6 +207,7 @@ class Config:
     eval_winrate: EvalWinrateConfig
     eval_lmeval: EvalLmevalConfig
     eval_sentiment: EvalSentimentConfig
+    silhouette: SilhouetteConfig
     bootstrap_samples: int  # resamples of prompts for every 95 % confidence interval
 
     def to_dict(self) -> dict[str, Any]:

@@ -100,7 +100,7 @@ def generate(model, tokenizer, formatted_prompts: Sequence[str], *, max_new_toke
         chunk = list(formatted_prompts[start:start + batch_size])
         encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else \
-            {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+            {"do_sample": False}
         torch.manual_seed(batch_seed(seed, desc, index))
         with torch.inference_mode():
             out = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,

@@ -118,6 +118,23 @@ STAGES: dict[str, StageSpec] = {
                   "udasa_lib/stats.py", "udasa_lib/models.py"),
             products=("metrics.jsonl", "generations/*.jsonl"),
         ),
+        StageSpec(
+            "06_silhouette",
+            sections=("seed", "model", "silhouette"),
+            upstream=("04_train", "05_eval_harmless"),
+            code=("notebooks/06_silhouette.ipynb", "udasa_lib/silhouette.py", "udasa_lib/evaluate.py",
+                  "udasa_lib/stats.py"),
+            products=("silhouette.csv",),
+        ),
+        StageSpec(
+            "07_report",
+            sections=(),  # reads the whole run: its key changes whenever any stage's products do
+            upstream=("03_stage", "04_train", "05_eval_harmless", "05_eval_winrate", "05_eval_lmeval",
+                      "05_eval_sentiment", "06_silhouette"),
+            code=("notebooks/07_report.ipynb", "udasa_lib/report.py", "udasa_lib/evaluate.py"),
+            inputs=("configs/inferred_choices.yaml",),
+            products=("REPORT.md",),
+        ),
     )
 }
 
