@@ -116,3 +116,17 @@ def test_project_2d_and_plots_write_pngs(tmp_path):
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_last_layer_ci_is_the_score_with_an_interval_over_responses():
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 40)
+    points = rng.normal(size=(120, 8)) + labels[:, None] * 1.5
+    examples = np.arange(120) // 6  # 20 "responses" of 6 tokens
+    value, low, high = sil.last_layer_ci(points, labels, examples, max_points=500, n_boot=200, seed=0)
+    assert value == pytest.approx(silhouette_score(points, labels, metric="cosine"), abs=1e-9)
+    assert low < value < high
+    with pytest.raises(ValueError, match="2 labels"):
+        sil.last_layer_ci(points, np.arange(120), examples)

@@ -40,6 +40,7 @@ class StageSpec:
     inputs: tuple[str, ...] = ()  # repo-relative data files read directly
     products: tuple[str, ...] = ("*.jsonl",)  # globs of the outputs downstream stages read
     variants: tuple[str, ...] = ()  # list-valued config keys whose product names the stage's variants
+    html: bool = False  # also export the executed notebook to <stage>.html (the report)
 
     @property
     def notebook(self) -> Path:
@@ -134,6 +135,7 @@ STAGES: dict[str, StageSpec] = {
             code=("notebooks/07_report.ipynb", "udasa_lib/report.py", "udasa_lib/evaluate.py"),
             inputs=("configs/inferred_choices.yaml",),
             products=("REPORT.md",),
+            html=True,
         ),
     )
 }
@@ -437,6 +439,8 @@ def run_stage(
     if stage_key(run.config, stage, variant) != run.key:
         # its code or inputs were edited while it ran: the outputs may come from either version
         raise StageError(f"{label}: code or inputs changed while the stage ran; run it again (no manifest written)")
+    if STAGES[stage].html:
+        export_html(run.dir / f"{stage}.ipynb")
     write_manifest(run, time.time() - started)
     print(f"[{label}] done in {time.time() - started:.1f} s")
     return run
@@ -462,6 +466,19 @@ def run_through(
     cfg = config_mod.resolve(_repo_path(config_path), overrides)
     return [run_stage(stage, config_path, overrides, run_name, variant=variant)
             for stage in needed for variant in variants(cfg, stage)]
+
+
+def export_html(notebook: Path) -> Path:
+    """The executed notebook as a standalone HTML page beside it (input prompts hidden)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter()
+    exporter.exclude_input_prompt = exporter.exclude_output_prompt = True
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    from udasa_lib.io import atomic_write_text
+
+    return atomic_write_text(notebook.with_suffix(".html"), body)
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:

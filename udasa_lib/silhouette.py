@@ -199,3 +199,29 @@ def plot_projection_pair(proj_a: np.ndarray, labels_a: np.ndarray, title_a: str,
     if len(classes) <= max_legend:
         axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=2, frameon=False)
     return _save_figure(fig, out_path)
+
+
+def last_layer_ci(points: np.ndarray, labels: np.ndarray, examples: np.ndarray, max_points: int = 2000,
+                  n_boot: int = 50, seed: int = 0) -> tuple[float, float, float]:
+    """(silhouette, low, high) of one layer: the mean of per-token silhouettes on a deterministic
+    subsample, with a 95 % cluster-bootstrap interval over responses (`examples`), since tokens of
+    one response are dependent. Resampling tokens into the clustering itself would duplicate points
+    at distance 0 and inflate the score, so the per-token values are computed once and resampled."""
+    from sklearn.metrics import silhouette_samples
+
+    values, counts = np.unique(labels, return_counts=True)
+    rows = np.flatnonzero(np.isin(labels, values[counts >= 2]))
+    rng = np.random.default_rng(seed)
+    if len(rows) > max_points:
+        rows = np.sort(rng.choice(rows, max_points, replace=False))
+    if len(np.unique(labels[rows])) < 2:
+        raise ValueError("silhouette needs at least 2 labels with 2+ members each")
+    per_token = silhouette_samples(points[rows], labels[rows], metric="cosine")
+    groups, group_of = np.unique(examples[rows], return_inverse=True)
+    sums, sizes = np.bincount(group_of, weights=per_token), np.bincount(group_of)
+    if n_boot < 1:
+        return float(per_token.mean()), float("nan"), float("nan")
+    index = rng.integers(0, len(groups), size=(n_boot, len(groups)))
+    means = sums[index].sum(axis=1) / sizes[index].sum(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(per_token.mean()), float(low), float(high)

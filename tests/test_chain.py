@@ -1,0 +1,82 @@
+"""The whole chain on configs/smoke.yaml through papermill, 00_data to 07_report, and the rule
+that a training change reruns training and what follows it, nothing before."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from udasa_lib import config as config_mod
+from udasa_lib import pipeline, report
+from conftest import SMOKE_CONFIG
+
+
+@pytest.fixture(scope="module")
+def chain(smoke_data):
+    return pipeline.run_through("07_report", SMOKE_CONFIG)
+
+
+def test_every_stage_has_its_manifest(chain):
+    cfg = config_mod.resolve(SMOKE_CONFIG)
+    expected = {(stage, variant) for stage in pipeline.STAGES for variant in pipeline.variants(cfg, stage)}
+    assert {(run.name, run.variant) for run in chain} == expected
+    for run in chain:
+        manifest = json.loads((run.dir / pipeline.MANIFEST).read_text())
+        assert manifest["key"] == run.key and manifest["outputs"], f"{run.name} {run.variant}"
+
+
+def test_report_tables_are_present_and_not_empty(chain):
+    run_dir = chain[-1].run_dir
+    report_dir = run_dir / "report"
+    text = (report_dir / "REPORT.md").read_text()
+    for heading in ("## What the papers claim vs what this run shows", "## Results", "## Inferred choices",
+                    "## Preliminary study", "## Resolved config"):
+        assert heading in text
+    claims = pd.read_csv(report_dir / "claims.csv")
+    assert len(claims) >= len(report.CLAIMS)
+    assert set(claims.verdict) <= {report.SUPPORTED, report.NOT_SUPPORTED, report.INCONCLUSIVE, report.NOT_RUN}
+    table = pd.read_csv(run_dir / "results_table.csv")
+    cfg = config_mod.resolve(SMOKE_CONFIG)
+    for task, methods in cfg.train.methods.items():
+        assert set(table[table.task == task].method) == {"base", *methods}
+    assert table[["value", "ci_low", "ci_high"]].notna().all().all()
+    assert (report_dir / "07_report.html").stat().st_size > 10_000
+    for figure in ("harmless.png", "winrate.png", "reward_kl.png", "silhouette_layers.png"):
+        assert (report_dir / "figures" / figure).stat().st_size > 1000
+
+
+def test_a_training_change_reruns_training_and_what_follows_only(chain):
+    before = config_mod.resolve(SMOKE_CONFIG)
+    after = config_mod.resolve(SMOKE_CONFIG, {"train.learning_rate": 1.0e-3})
+    for stage in ("00_data", "01_sample", "02_score", "03_stage"):
+        assert pipeline.stage_key(before, stage) == pipeline.stage_key(after, stage)
+    for variant in pipeline.variants(after, "04_train"):
+        assert pipeline.stage_key(before, "04_train", variant) != pipeline.stage_key(after, "04_train", variant)
+    # evaluations read the new adapters, which do not exist yet: they are due to run again
+    with pytest.raises(pipeline.StageError, match="has not finished"):
+        pipeline.stage_key(after, "05_eval_harmless")
+
+
+def test_verdicts_come_from_interval_overlap():
+    a = {"value": 0.8, "ci_low": 0.7, "ci_high": 0.9}
+    b = {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+    overlapping = {"value": 0.65, "ci_low": 0.5, "ci_high": 0.75}
+    assert report.compare(a, b, higher_is_better=True) == report.SUPPORTED
+    assert report.compare(a, b, higher_is_better=False) == report.NOT_SUPPORTED
+    assert report.compare(b, a, higher_is_better=True) == report.NOT_SUPPORTED
+    assert report.compare(a, overlapping, higher_is_better=True) == report.INCONCLUSIVE
+    assert report.compare(a, None, higher_is_better=True) == report.NOT_RUN
+    assert report.sign_verdict({"ci_low": -0.3, "ci_high": -0.1}, negative=True) == report.SUPPORTED
+    assert report.sign_verdict({"ci_low": -0.3, "ci_high": 0.1}, negative=True) == report.INCONCLUSIVE
+    assert report.sign_verdict({"ci_low": 0.1, "ci_high": 0.3}, negative=True) == report.NOT_SUPPORTED
+
+
+def test_inferred_choices_name_real_config_keys(tmp_path):
+    cfg = config_mod.resolve(SMOKE_CONFIG).to_dict()
+    table = report.inferred_choices_table(cfg)
+    assert len(table) >= 20 and table.value.notna().all()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {choice: x, keys: [train.nonsense], why: y}\n")
+    with pytest.raises(ValueError, match="train.nonsense"):
+        report.inferred_choices_table(cfg, bad)

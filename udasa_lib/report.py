@@ -1,0 +1,175 @@
+"""07_report: collate a run into REPORT.md, with verdicts computed from the numbers.
+
+A claim compares two methods on one metric (or one quantity against zero). Its verdict comes
+from the 95 % intervals only: `supported` when the intervals are disjoint in the claimed
+direction, `not supported` when disjoint the other way, `inconclusive at this size` when they
+overlap, `not run` when the run lacks a method or metric. Disjoint 95 % intervals are a
+conservative test (roughly p < 0.006 for two independent means), so "inconclusive" is common
+at laptop scale, and that is the honest reading.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import yaml
+
+from udasa_lib import REPO_ROOT
+
+SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_RUN = "supported", "not supported", "inconclusive at this size", "not run"
+INFERRED_CHOICES_FILE = REPO_ROOT / "configs" / "inferred_choices.yaml"
+
+
+@dataclass(frozen=True)
+class Claim:
+    paper: str
+    text: str
+    task: str
+    metric: str
+    better: str  # method claimed better
+    than: str  # method it is compared with
+    higher_is_better: bool
+
+
+# What the abstracts claim, each made testable on this project's metrics (method.md).
+CLAIMS: tuple[Claim, ...] = (
+    Claim("UDASA", "UDASA is more harmless than DPO", "alignment", "harmful_compliance_rate", "udasa", "dpo", False),
+    Claim("UDASA", "UDASA is more harmless than SFT", "alignment", "harmful_compliance_rate", "udasa", "sft", False),
+    Claim("UDASA", "UDASA is more helpful than DPO (win rate vs base)", "alignment", "win_rate", "udasa", "dpo", True),
+    Claim("UDASA", "UDASA is more truthful than DPO", "alignment", "udasa_truthful_mc_acc", "udasa", "dpo", True),
+    Claim("UDASA", "UDASA beats DPO on controlled sentiment (reward)", "sentiment", "reward", "udasa", "dpo", True),
+    Claim("UDASA", "Staged order beats the reversed order (reward)", "sentiment", "reward", "udasa", "udasa_reverse", True),
+    Claim("UDASA", "All three dimensions beat semantic only (reward)", "sentiment", "reward", "udasa", "udasa_semantic", True),
+    Claim("UDASA", "All three dimensions beat factual only (reward)", "sentiment", "reward", "udasa", "udasa_factual", True),
+    Claim("UDASA", "All three dimensions beat value only (reward)", "sentiment", "reward", "udasa", "udasa_value", True),
+    Claim("UAL", "UAL-DPO beats DPO on controlled sentiment (reward)", "sentiment", "reward", "ual_dpo", "dpo", True),
+    Claim("UAL", "UAL-SFT beats SFT on controlled sentiment (reward)", "sentiment", "reward", "ual_sft", "sft", True),
+    Claim("UAL", "UAL-DPO is more harmless than DPO", "alignment", "harmful_compliance_rate", "ual_dpo", "dpo", False),
+    Claim("UAL", "UAL-SFT is more helpful than SFT (win rate vs base)", "alignment", "win_rate", "ual_sft", "sft", True),
+    Claim("UAL", "UAL-SFT tightens token clusters vs SFT (last-layer silhouette)", "alignment", "silhouette_token_last",
+          "ual_sft", "sft", True),
+    Claim("UAL", "UAL-DPO tightens token clusters vs DPO (last-layer silhouette)", "alignment", "silhouette_token_last",
+          "ual_dpo", "dpo", True),
+)
+
+
+def compare(a: dict | None, b: dict | None, higher_is_better: bool) -> str:
+    if a is None or b is None or any(not math.isfinite(float(x[k])) for x in (a, b) for k in ("ci_low", "ci_high")):
+        return NOT_RUN
+    a_above = a["ci_low"] > b["ci_high"]
+    b_above = b["ci_low"] > a["ci_high"]
+    if not (a_above or b_above):
+        return INCONCLUSIVE
+    return SUPPORTED if a_above == higher_is_better else NOT_SUPPORTED
+
+
+def sign_verdict(row: dict | None, negative: bool) -> str:
+    """A quantity claimed below zero (negative=True) or above it, judged by its interval."""
+    if row is None or not all(math.isfinite(float(row[k])) for k in ("ci_low", "ci_high")):
+        return NOT_RUN
+    if row["ci_high"] < 0:
+        return SUPPORTED if negative else NOT_SUPPORTED
+    if row["ci_low"] > 0:
+        return NOT_SUPPORTED if negative else SUPPORTED
+    return INCONCLUSIVE
+
+
+def _cell(row: dict | None, digits: int = 3) -> str:
+    if row is None:
+        return "-"
+    return f"{row['value']:.{digits}f} [{row['ci_low']:.{digits}f}, {row['ci_high']:.{digits}f}]"
+
+
+def silhouette_rows(ci_table: pd.DataFrame) -> pd.DataFrame:
+    """06_silhouette's last-layer token view as metric rows of the results table's shape."""
+    part = ci_table[ci_table.view == "token"]
+    return pd.DataFrame({"task": "alignment", "method": part["method"], "metric": "silhouette_token_last",
+                         "value": part["silhouette"], "ci_low": part["ci_low"], "ci_high": part["ci_high"],
+                         "n": part["n_responses"], "stage": "06_silhouette"})
+
+
+def _lookup(table: pd.DataFrame, task: str, metric: str, method: str) -> dict | None:
+    hit = table[(table.task == task) & (table.metric == metric) & (table.method == method)]
+    return None if hit.empty else hit.iloc[0].to_dict()
+
+
+def claims_table(table: pd.DataFrame, prelim: dict | None) -> pd.DataFrame:
+    rows = []
+    for claim in CLAIMS:
+        a, b = (_lookup(table, claim.task, claim.metric, m) for m in (claim.better, claim.than))
+        digits = 1 if claim.metric.endswith("win_rate") else 3
+        rows.append({"paper": claim.paper, "claim": claim.text, "metric": f"{claim.task}/{claim.metric}",
+                     "our number": f"{claim.better} {_cell(a, digits)} vs {claim.than} {_cell(b, digits)}",
+                     "verdict": compare(a, b, claim.higher_is_better)})
+    if prelim:
+        stages = {s["stage"]: {"value": s["agreement"], "ci_low": s["ci_low"], "ci_high": s["ci_high"]}
+                  for s in prelim["agreement_by_stage"]}
+        rows.append({"paper": "UDASA", "claim": "Pairs with a larger uncertainty gap are more often right "
+                     "(ground-truth agreement, conservative > exploratory)", "metric": "sentiment/prelim agreement",
+                     "our number": f"conservative {_cell(stages.get('conservative'))} vs exploratory "
+                                   f"{_cell(stages.get('exploratory'))}",
+                     "verdict": compare(stages.get("conservative"), stages.get("exploratory"), True)})
+        spearman = prelim["spearman_u_vs_reward"]
+        row = {"value": spearman["spearman"], "ci_low": spearman["ci_low"], "ci_high": spearman["ci_high"]}
+        rows.append({"paper": "UDASA", "claim": "Self-estimated uncertainty is lower for better responses "
+                     "(Spearman(u, ground-truth reward) < 0)", "metric": "sentiment/prelim spearman",
+                     "our number": _cell(row), "verdict": sign_verdict(row, negative=True)})
+    return pd.DataFrame(rows)
+
+
+def _dotted(config: dict, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def inferred_choices_table(config: dict, path: Path = INFERRED_CHOICES_FILE) -> pd.DataFrame:
+    entries = yaml.safe_load(Path(path).read_text())
+    rows = []
+    for index, entry in enumerate(entries):
+        missing = {"choice", "keys", "why"} - set(entry)
+        if missing:
+            raise ValueError(f"{path}: entry {index} lacks {sorted(missing)}")
+        for key in entry["keys"]:
+            try:
+                value = _dotted(config, key)
+            except (KeyError, TypeError):
+                raise ValueError(f"{path}: entry {index} ({entry['choice']}): {key!r} is not a config key") from None
+            rows.append({"choice": entry["choice"], "knob": key, "value": json.dumps(value), "why": entry["why"]})
+    return pd.DataFrame(rows)
+
+
+def wide_table(table: pd.DataFrame, task: str, methods: Sequence[str]) -> pd.DataFrame:
+    """method x metric, cells "value [low, high]" (win rates in %, the rest to 3 decimals)."""
+    part = table[table.task == task].copy()
+    if part.empty:
+        return pd.DataFrame()
+    part["cell"] = [_cell(r, 1 if r["metric"].endswith("win_rate") else 3) for r in part.to_dict("records")]
+    wide = part.pivot(index="method", columns="metric", values="cell")
+    order = [m for m in methods if m in wide.index] + [m for m in wide.index if m not in methods]
+    return wide.loc[order].fillna("-")
+
+
+def stage_times(run_dir: Path) -> pd.DataFrame:
+    rows = []
+    for manifest in sorted(Path(run_dir).glob("*/manifest.json")) + sorted(Path(run_dir).glob("04_train/*/*/manifest.json")):
+        data = json.loads(manifest.read_text())
+        label = f"{data['stage']} {data.get('variant', '')}".strip()
+        rows.append({"stage": label, "wall_time_s": data["wall_time_s"], "finished_at": data["finished_at"]})
+    return pd.DataFrame(rows)
+
+
+def markdown(frame: pd.DataFrame, index: bool = False) -> str:
+    """A pipe table without the tabulate dependency."""
+    if frame.empty:
+        return "_(none)_\n"
+    frame = frame.reset_index() if index else frame
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
