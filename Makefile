@@ -27,7 +27,7 @@ TRAINED := $(foreach v,$(TRAIN_VARIANTS),$(RUN_DIR)/04_train/$(v)/manifest.json)
 EVALUATED := $(foreach s,05_eval_harmless 05_eval_winrate 05_eval_lmeval 05_eval_sentiment,$(RUN_DIR)/$(s)/manifest.json)
 SWEEP ?= configs/sweeps/sentiment_beta.yaml
 
-.PHONY: help venv assets reproduce stages test bench lab status sweep clean-results
+.PHONY: help venv assets reproduce stages test bench lab status sweep report clean-results
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -88,6 +88,10 @@ $(RUN_DIR)/06_silhouette/manifest.json: $(TRAINED) $(RUN_DIR)/05_eval_harmless/m
 
 $(RUN_DIR)/07_report/manifest.json: $(RUN_DIR)/03_stage/manifest.json $(RUN_DIR)/results_table.csv $(RUN_DIR)/06_silhouette/manifest.json notebooks/07_report.ipynb udasa_lib/report.py udasa_lib/evaluate.py configs/inferred_choices.yaml
 	$(STAGE) 07_report
+
+report: $(VENV_STAMP) ## rebuild CONFIG's report, e.g. to include a sweep finished after it
+	$(STAGE) 07_report --force
+	@echo "report: $(RUN_DIR)/report/REPORT.md"
 
 sweep: $(VENV_STAMP) assets ## run a YAML grid of runs (SWEEP=configs/sweeps/sentiment_beta.yaml); summary in results/sweeps/
 	$(PY) -m udasa_lib.sweep $(SWEEP)

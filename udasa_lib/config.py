@@ -138,6 +138,7 @@ class UALSettings:
 @dataclass(frozen=True)
 class TrainConfig:
     methods: dict[str, tuple[TrainMethod, ...]]  # task -> methods; one LoRA policy per (task, method)
+    seed: int  # LoRA init, data order, on-policy sampling; sampling and pairs do not read it (seeds sweep)
     beta: dict[str, float]  # per stage (conservative, moderate, exploratory) and `unstaged` (dpo, ual_dpo)
     epochs: dict[str, int]  # same keys as beta; sft and ual_sft use `unstaged`
     learning_rate: float

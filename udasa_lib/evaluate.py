@@ -1,9 +1,9 @@
 """What the 05_eval_* notebooks share: the policies of a run, generation per policy, the
 harmlessness and sentiment metrics, and the run's tidy results table.
 
-Every policy of a task is the base model with one of 04_train's final adapters switched on
-(peft keeps them all loaded under their method names), so a task loads its base model once.
-`base` is the same model with the adapters disabled, which is also pi_ref for the KL.
+Every policy of a task is the base model with one of 04_train's final adapters merged into a
+copy, so a task loads its base model from disk once. `base` is the unmodified model, which is
+also pi_ref for the KL.
 Every metric row carries a 95 % percentile-bootstrap interval over prompts and n.
 """
 from __future__ import annotations
@@ -55,32 +55,32 @@ def policy_adapters(stage, task: str) -> dict[str, Path | None]:
 
 
 class PolicySet:
-    """The base model with every adapter loaded by name; `use(name)` yields the model acting as it."""
+    """The base model and the adapter folders of a task; `use(name)` yields the model acting as that
+    policy: the base itself, or a copy with the adapter merged in. Merging costs about a second and
+    makes generation several times faster on CPU than peft's unmerged LoRA layers."""
 
     def __init__(self, model, adapters: dict[str, Path | None]):
         self.base = model
-        self.model = model
+        self.adapters = dict(adapters)
         self.names = list(adapters)
-        trained = {name: path for name, path in adapters.items() if path is not None}
-        if trained:
-            from peft import PeftModel
-
-            first, *rest = trained
-            self.model = PeftModel.from_pretrained(model, trained[first], adapter_name=first)
-            for name in rest:
-                self.model.load_adapter(trained[name], adapter_name=name)
-            self.model.eval()
 
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[Any]:
         if name not in self.names:
             raise KeyError(f"unknown policy {name!r}; this task has {', '.join(self.names)}")
-        if name == BASE:
-            with (self.model.disable_adapter() if self.model is not self.base else contextlib.nullcontext()):
-                yield self.model
-        else:
-            self.model.set_adapter(name)
-            yield self.model
+        if self.adapters[name] is None:
+            yield self.base
+            return
+        import copy
+
+        from peft import PeftModel
+
+        policy = PeftModel.from_pretrained(copy.deepcopy(self.base), self.adapters[name]).merge_and_unload()
+        policy.eval()
+        try:
+            yield policy
+        finally:
+            del policy
 
 
 def generate(model, tokenizer, formatted_prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,

@@ -95,6 +95,15 @@ def run_truthful(
     specs: list[str | dict[str, Any]] = [
         task_config(data_file, task_file) if name == REPO_TASK else name for name in tasks
     ]
+    # `limit` in lm-eval takes the first n documents, and the file is ordered by source; a seeded
+    # sample of question indices keeps a limited run representative of every source instead.
+    samples = None
+    if limit and REPO_TASK in tasks:
+        import numpy as np
+
+        n_docs = sum(1 for line in Path(data_file).read_text(encoding="utf-8").splitlines() if line.strip())
+        chosen = np.random.default_rng(seed).choice(n_docs, size=min(limit, n_docs), replace=False)
+        samples, limit = {REPO_TASK: sorted(int(i) for i in chosen)}, None  # lm-eval takes one or the other
     model_args = {"pretrained": _local_or_hub(model_name_or_path), "dtype": dtype}
     if adapter_dir is not None:
         model_args["peft"] = str(Path(adapter_dir).resolve())
@@ -104,7 +113,7 @@ def run_truthful(
     # them in model_args would pass them twice.
     raw = lm_eval.simple_evaluate(
         model="hf", model_args=model_args, tasks=specs, task_manager=manager,
-        batch_size=batch_size, device=device, limit=limit, log_samples=True,
+        batch_size=batch_size, device=device, limit=limit, samples=samples, log_samples=True,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
         fewshot_random_seed=seed,
     )

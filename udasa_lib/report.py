@@ -173,3 +173,10 @@ def markdown(frame: pd.DataFrame, index: bool = False) -> str:
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
     body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body]) + "\n"
+
+
+def seed_spread(summary: pd.DataFrame, axis: str = "seed") -> pd.DataFrame:
+    """Mean and spread over seeds (a seeds sweep's summary.csv) per task, method and metric."""
+    grouped = summary.groupby(["task", "method", "metric"], sort=False)["value"]
+    out = grouped.agg(mean="mean", sd="std", low="min", high="max", seeds="count").reset_index()
+    return out.round({"mean": 4, "sd": 4, "low": 4, "high": 4})

@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 from udasa_lib import config as config_mod
-from udasa_lib import pipeline
-from udasa_lib.io import atomic_write_json, atomic_write_text, read_jsonl
+from udasa_lib import evaluate, pipeline
+from udasa_lib.io import atomic_write_json, atomic_write_text
 
 SWEEP_KEYS = {"config", "through", "set", "grid", "plot"}
 
@@ -86,9 +86,10 @@ def run_sweep(sweep: Sweep) -> Path:
         runs = pipeline.run_through(sweep.through, sweep.config, point_overrides(sweep, point), f"sweep-{sweep.name}")
         target = next(r for r in runs if r.name == sweep.through)
         folders.append({**point, "run_dir": str(target.run_dir)})
-        metrics = target.dir / "metrics.jsonl"
-        if metrics.exists():
-            frames.append(pd.DataFrame(read_jsonl(metrics)).assign(**point, run_dir=str(target.run_dir)))
+        try:  # every evaluation the point ran, as in its run's results table
+            frames.append(evaluate.results_table(target.run_dir).assign(**point, run_dir=str(target.run_dir)))
+        except FileNotFoundError:  # a sweep that stops before the evaluations has no metrics to collect
+            pass
     out = sweep_dir(sweep)
     atomic_write_json(out / "points.json", folders)
     if frames:

@@ -302,7 +302,7 @@ def resample_phase(stage, model, tokenizer, rows: list[dict], spec: MethodSpec, 
             generations = sample.generate_batch(
                 model, tokenizer, [r["formatted_prompt"] for r in batch], k=cfg.sample.k,
                 temperature=cfg.sample.temperature, top_p=cfg.sample.top_p, top_k=cfg.sample.top_k,
-                max_new_tokens=task_cfg.max_new_tokens, seed=sample.batch_seed(cfg.seed + 1000 * index, task, start))
+                max_new_tokens=task_cfg.max_new_tokens, seed=sample.batch_seed(cfg.train.seed + 1000 * index, task, start))
             for row, responses in zip(batch, generations):
                 for j, response in enumerate(responses):
                     response["sample_id"] = f"{row['prompt_id']}-round{index}-s{j}"
@@ -317,7 +317,7 @@ def resample_phase(stage, model, tokenizer, rows: list[dict], spec: MethodSpec, 
                                     score.load_principles(cfg.score.value.principles), probe, progress=False)
     weights = cfg.stage.weights if spec.pair_set == "combined" else staging.ablation_weights(spec.pair_set)
     pairs, dropped = staging.build_pairs(records, scored, weights, cfg.stage.rejected_strategy, cfg.stage.tie_epsilon,
-                                         (), cfg.seed)
+                                         (), cfg.train.seed)
     for pair in pairs:
         pair["stage"] = phase
     return pairs, {"prompts": len(records), "pairs": len(pairs), "dropped": dropped,
@@ -340,8 +340,8 @@ def _trainer_args(cfg, phase: str, output_dir: Path, objective: str, device: str
         gradient_accumulation_steps=tc.gradient_accumulation_steps,
         gradient_checkpointing=tc.gradient_checkpointing,
         max_length=tc.max_length,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
+        seed=cfg.train.seed,
+        data_seed=cfg.train.seed,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -359,7 +359,7 @@ def _new_adapter(model, cfg):
     from transformers import set_seed
 
     lora = cfg.train.lora
-    set_seed(cfg.seed)  # LoRA A matrices are drawn at random
+    set_seed(cfg.train.seed)  # LoRA A matrices are drawn at random
     return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                             target_modules=list(lora.targets), task_type="CAUSAL_LM"))
 
@@ -435,7 +435,7 @@ def train_variant(stage, is_main_process: bool = True, world_size: int = 1) -> d
             if not records:
                 raise TrainingError(f"04_train {stage.variant}: the on-policy round of stage {phase!r} left zero "
                                     f"pairs (dropped: {on_policy['dropped']})")
-        set_seed(cfg.seed + index)
+        set_seed(cfg.train.seed + index)
         from datasets import Dataset
 
         dataset = Dataset.from_list(records)
