@@ -100,7 +100,7 @@ status: $(VENV_STAMP) ## show each stage's key for CONFIG and whether it is done
 	@$(PY) -m udasa_lib.pipeline status --config $(CONFIG) $(SETS)
 
 test: $(VENV_STAMP) assets ## run the test suite (tiny model, smoke config)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=8 tests
 
 bench: $(VENV_STAMP) assets ## speed benchmarks on CONFIG; results in results/bench/
 	$(PY) -m udasa_lib.bench --config $(CONFIG)
