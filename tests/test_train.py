@@ -239,7 +239,7 @@ def test_same_seed_same_adapter(staged_smoke):
 
 
 def test_nan_loss_stops_the_stage_without_manifest(staged_smoke):
-    overrides = {"train.beta.unstaged": float("nan")}
+    overrides = {"train.beta.unstaged": float("nan"), "train.methods": {"alignment": ["dpo"], "sentiment": ["dpo"]}}
     with pytest.raises(pipeline.StageError, match="loss is nan"):
         pipeline.run_stage("04_train", SMOKE_CONFIG, overrides, variant="alignment/dpo")
     stage = pipeline.open_stage("04_train", SMOKE_CONFIG, overrides, variant="alignment/dpo")

@@ -162,6 +162,58 @@ def harmless_rows(method: str, harmful: Sequence[dict], benign: Sequence[dict], 
     ]
 
 
+def interval_text(row: dict | None) -> str:
+    """"value [low, high]": win rates (percent) to 1 decimal, everything else to 3."""
+    if row is None:
+        return "-"
+    digits = 1 if row["metric"].endswith("win_rate") else 3
+    return f"{row['value']:.{digits}f} [{row['ci_low']:.{digits}f}, {row['ci_high']:.{digits}f}]"
+
+
+def wide_table(table, task: str, methods: Sequence[str]):
+    """Metric rows of one task as method x metric, cells "value [low, high]", methods in the given order first."""
+    import pandas as pd
+
+    part = pd.DataFrame(table)
+    part = part[part.task == task].copy()
+    if part.empty:
+        return pd.DataFrame()
+    part["cell"] = [interval_text(r) for r in part.to_dict("records")]
+    wide = part.pivot(index="method", columns="metric", values="cell")
+    order = [m for m in methods if m in wide.index] + [m for m in wide.index if m not in methods]
+    return wide.loc[order].fillna("-")
+
+
+def plot_intervals(table, metrics: Sequence[str], methods: Sequence[str], path: Path, title: str = "",
+                   reference: float | None = None) -> Path:
+    """One panel per metric: each method's value with its 95 % interval; `reference` draws a line
+    (e.g. 50 for win rates)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from udasa_lib.io import atomic_save_figure
+
+    table = pd.DataFrame(table)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.8 + 0.42 * len(methods)),
+                             sharey=True, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        part = table[table.metric == metric].set_index("method").reindex(list(methods))
+        ax.errorbar(part.value, range(len(part)), xerr=[part.value - part.ci_low, part.ci_high - part.value],
+                    fmt="o", capsize=2)
+        if reference is not None:
+            ax.axvline(reference, color="grey", lw=0.8, ls="--")
+        ax.set_yticks(range(len(part)), part.index)
+        ax.set_title(metric.replace("_", " "), fontsize=9)
+    fig.suptitle(title or "95 % bootstrap intervals over prompts", fontsize=10)
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
 def write_metrics(path: Path, rows: Sequence[dict]) -> Path:
     for row in rows:
         missing = [f for f in METRIC_FIELDS if f not in row]

@@ -34,6 +34,20 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
     return path
 
 
+def atomic_save_figure(fig, path: Path | str, dpi: int = 120) -> Path:
+    """A matplotlib figure to PNG, written to a temp name beside `path` and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def atomic_write_json(path: Path | str, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 

@@ -13,12 +13,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 import yaml
 
 from udasa_lib import REPO_ROOT
+from udasa_lib.evaluate import interval_text
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_RUN = "supported", "not supported", "inconclusive at this size", "not run"
 INFERRED_CHOICES_FILE = REPO_ROOT / "configs" / "inferred_choices.yaml"
@@ -78,12 +79,6 @@ def sign_verdict(row: dict | None, negative: bool) -> str:
     return INCONCLUSIVE
 
 
-def _cell(row: dict | None, digits: int = 3) -> str:
-    if row is None:
-        return "-"
-    return f"{row['value']:.{digits}f} [{row['ci_low']:.{digits}f}, {row['ci_high']:.{digits}f}]"
-
-
 def silhouette_rows(ci_table: pd.DataFrame) -> pd.DataFrame:
     """06_silhouette's last-layer token view as metric rows of the results table's shape."""
     part = ci_table[ci_table.view == "token"]
@@ -101,23 +96,22 @@ def claims_table(table: pd.DataFrame, prelim: dict | None) -> pd.DataFrame:
     rows = []
     for claim in CLAIMS:
         a, b = (_lookup(table, claim.task, claim.metric, m) for m in (claim.better, claim.than))
-        digits = 1 if claim.metric.endswith("win_rate") else 3
         rows.append({"paper": claim.paper, "claim": claim.text, "metric": f"{claim.task}/{claim.metric}",
-                     "our number": f"{claim.better} {_cell(a, digits)} vs {claim.than} {_cell(b, digits)}",
+                     "our number": f"{claim.better} {interval_text(a)} vs {claim.than} {interval_text(b)}",
                      "verdict": compare(a, b, claim.higher_is_better)})
     if prelim:
-        stages = {s["stage"]: {"value": s["agreement"], "ci_low": s["ci_low"], "ci_high": s["ci_high"]}
+        stages = {s["stage"]: {"metric": "agreement", "value": s["agreement"], "ci_low": s["ci_low"], "ci_high": s["ci_high"]}
                   for s in prelim["agreement_by_stage"]}
         rows.append({"paper": "UDASA", "claim": "Pairs with a larger uncertainty gap are more often right "
                      "(ground-truth agreement, conservative > exploratory)", "metric": "sentiment/prelim agreement",
-                     "our number": f"conservative {_cell(stages.get('conservative'))} vs exploratory "
-                                   f"{_cell(stages.get('exploratory'))}",
+                     "our number": f"conservative {interval_text(stages.get('conservative'))} vs exploratory "
+                                   f"{interval_text(stages.get('exploratory'))}",
                      "verdict": compare(stages.get("conservative"), stages.get("exploratory"), True)})
         spearman = prelim["spearman_u_vs_reward"]
-        row = {"value": spearman["spearman"], "ci_low": spearman["ci_low"], "ci_high": spearman["ci_high"]}
+        row = {"metric": "spearman", "value": spearman["spearman"], "ci_low": spearman["ci_low"], "ci_high": spearman["ci_high"]}
         rows.append({"paper": "UDASA", "claim": "Self-estimated uncertainty is lower for better responses "
                      "(Spearman(u, ground-truth reward) < 0)", "metric": "sentiment/prelim spearman",
-                     "our number": _cell(row), "verdict": sign_verdict(row, negative=True)})
+                     "our number": interval_text(row), "verdict": sign_verdict(row, negative=True)})
     return pd.DataFrame(rows)
 
 
@@ -144,17 +138,6 @@ def inferred_choices_table(config: dict, path: Path = INFERRED_CHOICES_FILE) -> 
     return pd.DataFrame(rows)
 
 
-def wide_table(table: pd.DataFrame, task: str, methods: Sequence[str]) -> pd.DataFrame:
-    """method x metric, cells "value [low, high]" (win rates in %, the rest to 3 decimals)."""
-    part = table[table.task == task].copy()
-    if part.empty:
-        return pd.DataFrame()
-    part["cell"] = [_cell(r, 1 if r["metric"].endswith("win_rate") else 3) for r in part.to_dict("records")]
-    wide = part.pivot(index="method", columns="metric", values="cell")
-    order = [m for m in methods if m in wide.index] + [m for m in wide.index if m not in methods]
-    return wide.loc[order].fillna("-")
-
-
 def stage_times(run_dir: Path) -> pd.DataFrame:
     rows = []
     for manifest in sorted(Path(run_dir).glob("*/manifest.json")) + sorted(Path(run_dir).glob("04_train/*/*/manifest.json")):
@@ -165,17 +148,10 @@ def stage_times(run_dir: Path) -> pd.DataFrame:
 
 
 def markdown(frame: pd.DataFrame, index: bool = False) -> str:
-    """A pipe table without the tabulate dependency."""
-    if frame.empty:
-        return "_(none)_\n"
-    frame = frame.reset_index() if index else frame
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body]) + "\n"
+    return frame.to_markdown(index=index) + "\n" if not frame.empty else "_(none)_\n"
 
 
-def seed_spread(summary: pd.DataFrame, axis: str = "seed") -> pd.DataFrame:
+def seed_spread(summary: pd.DataFrame) -> pd.DataFrame:
     """Mean and spread over seeds (a seeds sweep's summary.csv) per task, method and metric."""
     grouped = summary.groupby(["task", "method", "metric"], sort=False)["value"]
     out = grouped.agg(mean="mean", sd="std", low="min", high="max", seeds="count").reset_index()

@@ -8,12 +8,12 @@ category), a 2-D projection, and the two plots. Notebooks compare base vs. tuned
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from udasa_lib.io import atomic_save_figure
 
 
 def _device_of(model):
@@ -84,18 +84,12 @@ def _drop_singletons(labels: np.ndarray) -> np.ndarray:
     return np.isin(labels, values[counts >= 2])
 
 
-def silhouette_by_layer(hidden: np.ndarray, labels: np.ndarray, metric: str = "cosine", max_points: int = 2000,
-                        seed: int = 0) -> np.ndarray:
-    """Silhouette score of `labels` in every layer of hidden [L, N, H]; returns [L].
-
-    The same token subsample is used in every layer so the curve compares like with like.
-    """
-    from sklearn.metrics import silhouette_score
+def token_subsample(labels: np.ndarray, max_points: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most max_points tokens whose label has 2+ members, stratified by label
+    when possible; the same for every layer, and for the last layer's interval."""
     from sklearn.model_selection import train_test_split
 
     labels = np.asarray(labels)
-    if hidden.ndim != 3 or hidden.shape[1] != len(labels):
-        raise ValueError(f"hidden must be [L, N, H] with N == len(labels); got {hidden.shape} and {len(labels)}")
     # A label with one member has no within-cluster distance; sklearn would score it 0 and bias the mean.
     keep = np.flatnonzero(_drop_singletons(labels))
     if len(keep) > max_points:
@@ -109,6 +103,21 @@ def silhouette_by_layer(hidden: np.ndarray, labels: np.ndarray, metric: str = "c
     if n_labels < 2:
         raise ValueError(f"silhouette needs at least 2 labels with 2+ members each; {n_labels} remain "
                          f"after dropping single-member labels (from {len(np.unique(labels))} labels)")
+    return keep
+
+
+def silhouette_by_layer(hidden: np.ndarray, labels: np.ndarray, metric: str = "cosine", max_points: int = 2000,
+                        seed: int = 0) -> np.ndarray:
+    """Silhouette score of `labels` in every layer of hidden [L, N, H]; returns [L].
+
+    The same token subsample is used in every layer so the curve compares like with like.
+    """
+    from sklearn.metrics import silhouette_score
+
+    labels = np.asarray(labels)
+    if hidden.ndim != 3 or hidden.shape[1] != len(labels):
+        raise ValueError(f"hidden must be [L, N, H] with N == len(labels); got {hidden.shape} and {len(labels)}")
+    keep = token_subsample(labels, max_points, seed)
     return np.array([silhouette_score(layer[keep], labels[keep], metric=metric) for layer in hidden],
                     dtype=np.float64)
 
@@ -141,21 +150,6 @@ def project_2d(points: np.ndarray, method: str = "pca", seed: int = 0) -> np.nda
     return PCA(n_components=2, random_state=seed).fit_transform(unit).astype(np.float32)
 
 
-def _save_figure(fig, out_path: Path | str) -> Path:
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_path
-
-
 def plot_layer_curves(df, out_path: Path | str) -> Path:
     """Silhouette vs. layer, one line per method, one panel per view (columns method/layer/silhouette/view)."""
     import seaborn as sns
@@ -172,7 +166,7 @@ def plot_layer_curves(df, out_path: Path | str) -> Path:
         ax.set_title(str(view))
         ax.axhline(0.0, color="grey", lw=0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return _save_figure(fig, out_path)
+    return atomic_save_figure(fig, out_path)
 
 
 def plot_projection_pair(proj_a: np.ndarray, labels_a: np.ndarray, title_a: str, proj_b: np.ndarray,
@@ -198,7 +192,7 @@ def plot_projection_pair(proj_a: np.ndarray, labels_a: np.ndarray, title_a: str,
         ax.set_title(title)
     if len(classes) <= max_legend:
         axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=2, frameon=False)
-    return _save_figure(fig, out_path)
+    return atomic_save_figure(fig, out_path)
 
 
 def last_layer_ci(points: np.ndarray, labels: np.ndarray, examples: np.ndarray, max_points: int = 2000,
@@ -209,13 +203,8 @@ def last_layer_ci(points: np.ndarray, labels: np.ndarray, examples: np.ndarray, 
     at distance 0 and inflate the score, so the per-token values are computed once and resampled."""
     from sklearn.metrics import silhouette_samples
 
-    values, counts = np.unique(labels, return_counts=True)
-    rows = np.flatnonzero(np.isin(labels, values[counts >= 2]))
+    rows = token_subsample(labels, max_points, seed)  # the tokens silhouette_by_layer scores
     rng = np.random.default_rng(seed)
-    if len(rows) > max_points:
-        rows = np.sort(rng.choice(rows, max_points, replace=False))
-    if len(np.unique(labels[rows])) < 2:
-        raise ValueError("silhouette needs at least 2 labels with 2+ members each")
     per_token = silhouette_samples(points[rows], labels[rows], metric="cosine")
     groups, group_of = np.unique(examples[rows], return_inverse=True)
     sums, sizes = np.bincount(group_of, weights=per_token), np.bincount(group_of)

@@ -21,7 +21,7 @@ import yaml
 
 from udasa_lib import config as config_mod
 from udasa_lib import evaluate, pipeline
-from udasa_lib.io import atomic_write_json, atomic_write_text
+from udasa_lib.io import atomic_save_figure, atomic_write_json, atomic_write_text
 
 SWEEP_KEYS = {"config", "through", "set", "grid", "plot"}
 
@@ -103,8 +103,6 @@ def run_sweep(sweep: Sweep) -> Path:
 def plot_frontier(summary, sweep: Sweep, path: Path) -> Path:
     """y against x per method, one marker per grid point, 95 % CIs as error bars, points joined in
     the order of the first axis (e.g. increasing beta)."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,11 +127,8 @@ def plot_frontier(summary, sweep: Sweep, path: Path) -> Path:
     ax.set_title(f"sweep {sweep.name}: {y} vs {x} (95 % CI)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
