@@ -13,10 +13,20 @@ def _write(tmp_path, text):
     return path
 
 
-def test_all_shipped_configs_resolve():
-    for name in ("default", "smoke", "paper"):
-        cfg = config.resolve(REPO_ROOT / "configs" / f"{name}.yaml")
-        assert cfg.sample.k >= 1
+@pytest.mark.parametrize("name", ["default", "smoke", "paper"])
+def test_shipped_configs_ask_for_no_more_prompts_than_their_splits_hold(name):
+    from udasa_lib import data
+
+    cfg = config.resolve(REPO_ROOT / "configs" / f"{name}.yaml")
+    sizes = {split: len(records) for split, records in data.build_splits(cfg.data).items()}
+    wanted = {f"sample.tasks.{task}.sources.{split}": (split, n)
+              for task, spec in cfg.sample.tasks.items() for split, n in spec.sources.items()}
+    wanted.update({"eval_harmless.harmful_prompts": ("harmful_test", cfg.eval_harmless.harmful_prompts),
+                   "eval_harmless.benign_prompts": ("benign_test", cfg.eval_harmless.benign_prompts),
+                   "eval_lmeval.limit": ("truthful_mc", cfg.eval_lmeval.limit),
+                   "eval_sentiment.prompts": ("sentiment_test", cfg.eval_sentiment.prompts)})
+    too_many = {key: f"{n} > {sizes[split]} in {split}" for key, (split, n) in wanted.items() if n > sizes[split]}
+    assert not too_many
 
 
 def test_unknown_key_is_named(tmp_path):

@@ -175,3 +175,9 @@ def test_metric_rows_keep_order_of_fields(tmp_path):
     row = evaluate.metric_row("sentiment", "base", "reward", [0.2, 0.4, 0.6], "05_eval_sentiment", 100, 0)
     assert list(row) == list(evaluate.METRIC_FIELDS) and row["value"] == pytest.approx(0.4)
     atomic_write_jsonl(tmp_path / "m.jsonl", [row])
+
+
+def test_samples_of_one_prompt_count_once_in_the_bootstrap():
+    records = [{"id": "a", "reward": 1.0}, {"id": "b", "reward": 0.0}, {"id": "a", "reward": 0.0},
+               {"id": "b", "reward": 0.0}, {"id": "c", "reward": 1.0}]
+    assert evaluate.per_prompt_means(records, "reward") == [0.5, 0.0, 1.0]

@@ -151,7 +151,14 @@ def test_sft_hook_equals_trl_at_zero_epsilon(tiny_model_path, tmp_path):
     with torch.no_grad():
         ours = trainer.compute_loss(model, dict(batch))
         trl_loss = trainer.compute_loss(model, {k: v for k, v in batch.items() if k != train.EPSILON_KEY})
+        # under gradient accumulation transformers passes the token count of all micro-batches
+        accumulated = 3 * int((batch["labels"][:, 1:] != -100).sum())
+        ours_accumulated = trainer.compute_loss(model, dict(batch), num_items_in_batch=accumulated)
+        trl_accumulated = trainer.compute_loss(model, {k: v for k, v in batch.items() if k != train.EPSILON_KEY},
+                                               num_items_in_batch=accumulated)
     assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    assert ours_accumulated.item() == pytest.approx(trl_accumulated.item(), rel=1e-5)
+    assert ours_accumulated.item() == pytest.approx(ours.item() / 3, rel=1e-5)
 
 
 # --- every method on the tiny model -------------------------------------------------------------

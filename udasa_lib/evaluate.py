@@ -148,6 +148,15 @@ def metric_row(task: str, method: str, metric: str, values: Sequence[float], sta
             "n": len(values), "stage": stage}
 
 
+def per_prompt_means(records: Sequence[dict], field: str, key: str = "id") -> list[float]:
+    """Mean of `field` per prompt, in first-seen order: several samples of one prompt are not
+    independent, so the bootstrap resamples prompts, not samples."""
+    sums: dict[str, list[float]] = {}
+    for record in records:
+        sums.setdefault(record[key], []).append(float(record[field]))
+    return [float(np.mean(values)) for values in sums.values()]
+
+
 def harmless_rows(method: str, harmful: Sequence[dict], benign: Sequence[dict], n_boot: int, seed: int) -> list[dict]:
     """Rows of 05_eval_harmless for one policy from its scored generations (p_aligned, refusal)."""
     stage = "05_eval_harmless"

@@ -81,9 +81,12 @@ STAGES: dict[str, StageSpec] = {
         ),
         StageSpec(
             "04_train",
-            sections=("seed", "model", "train"),
+            # stage: the order UDASA trains its stages in, and what on-policy rounds rebuild pairs with
+            # (with sample and score, whose code they call)
+            sections=("seed", "model", "sample", "score", "stage", "train"),
             upstream=("00_data", "01_sample", "02_score", "03_stage"),
-            code=("notebooks/04_train.ipynb", "udasa_lib/train.py", "udasa_lib/models.py"),
+            code=("notebooks/04_train.ipynb", "udasa_lib/train.py", "udasa_lib/models.py", "udasa_lib/sample.py",
+                  "udasa_lib/score.py", "udasa_lib/stage.py"),
             products=("adapters/final/*",),
             variants=("train.methods",),  # one trained policy per task/method
         ),

@@ -113,7 +113,7 @@ def ual_dpo_loss(logratio_margin, beta: float, epsilon, weight=None):
     return (weight * per_pair).sum() / weight.sum()
 
 
-def ual_sft_loss(logits, labels, epsilon, weight=None):
+def ual_sft_loss(logits, labels, epsilon, weight=None, num_tokens=None):
     """Token-level cross-entropy with per-sample label smoothing (torch's definition: mass e spread
     uniformly over the vocabulary), averaged over the batch's completion tokens."""
     import torch
@@ -130,7 +130,10 @@ def ual_sft_loss(logits, labels, epsilon, weight=None):
     if weight is not None:
         per_token = per_token * weight.to(per_token.dtype).unsqueeze(1)
         return (per_token * mask).sum() / (mask * weight.unsqueeze(1)).sum().clamp(min=1e-12)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    # num_tokens: the target tokens of the whole accumulated batch (transformers' num_items_in_batch),
+    # so gradient accumulation sums micro-batches into one token mean, as trl's own SFT loss does
+    denominator = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=mask.device)
+    return (per_token * mask).sum() / denominator.clamp(min=1)
 
 
 # --- trl subclasses: the smallest hooks ------------------------------------------------------
@@ -234,7 +237,10 @@ def _make_trainer_classes():
             model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
             outputs = model(**model_inputs, use_cache=False)
             eps = epsilon if epsilon is not None else torch.zeros(labels.size(0), device=labels.device)
-            loss = ual_sft_loss(outputs.logits, labels, eps, weight)
+            loss = ual_sft_loss(outputs.logits, labels, eps, weight, num_tokens=num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # num_items_in_batch counts every rank's tokens and DDP averages gradients (as in trl)
+                loss = loss * self.accelerator.num_processes
             loss = _finite_or_raise(loss, self.stage_label, self.state.global_step)
             return (loss, outputs) if return_outputs else loss
 
