@@ -77,3 +77,21 @@ def test_an_inferred_choice_with_an_unknown_key_names_the_entry(tmp_path):
     bad.write_text("- {choice: reference model, keys: [train.no_such_knob], why: test}\n")
     with pytest.raises(ValueError, match=r"entry 0 \(reference model\): 'train.no_such_knob'"):
         report.inferred_choices_table(config_mod.resolve(DEFAULT_CONFIG).to_dict(), bad)
+
+
+def test_a_sweep_is_shown_only_when_it_trained_on_this_runs_pairs(tmp_path):
+    import json
+
+    pairs, other_pairs = tmp_path / ".stages" / "03_stage" / "k1", tmp_path / ".stages" / "03_stage" / "k2"
+    runs = []
+    for name, target in (("point-a", pairs), ("point-b", pairs), ("point-c", other_pairs)):
+        target.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "03_stage").symlink_to(target)
+        runs.append({"seed": len(runs), "run_dir": str(tmp_path / name)})
+    sweep_dir = tmp_path / "sweeps" / "seeds"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "points.json").write_text(json.dumps(runs[:2]))
+    assert report.sweep_mismatch(sweep_dir, pairs) is None
+    (sweep_dir / "points.json").write_text(json.dumps(runs))
+    assert "other pairs" in report.sweep_mismatch(sweep_dir, pairs)

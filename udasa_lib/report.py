@@ -38,8 +38,16 @@ class Claim:
 
 # What the abstracts claim, each made testable on this project's metrics (method.md).
 CLAIMS: tuple[Claim, ...] = (
-    Claim("UDASA", "UDASA is more harmless than DPO", "alignment", "harmful_compliance_rate", "udasa", "dpo", False),
-    Claim("UDASA", "UDASA is more harmless than SFT", "alignment", "harmful_compliance_rate", "udasa", "sft", False),
+    # harmlessness twice: compliance is judged by the harm probe, which also scored the alignment pairs'
+    # value dimension; the refusal rate (GCG refusal prefixes) does not depend on the probe
+    Claim("UDASA", "UDASA is more harmless than DPO (harm-probe compliance)", "alignment", "harmful_compliance_rate",
+          "udasa", "dpo", False),
+    Claim("UDASA", "UDASA is more harmless than DPO (refusal rate, probe-independent)", "alignment",
+          "harmful_refusal_rate", "udasa", "dpo", True),
+    Claim("UDASA", "UDASA is more harmless than SFT (harm-probe compliance)", "alignment", "harmful_compliance_rate",
+          "udasa", "sft", False),
+    Claim("UDASA", "UDASA is more harmless than SFT (refusal rate, probe-independent)", "alignment",
+          "harmful_refusal_rate", "udasa", "sft", True),
     Claim("UDASA", "UDASA is more helpful than DPO (win rate vs base)", "alignment", "win_rate", "udasa", "dpo", True),
     Claim("UDASA", "UDASA is more truthful than DPO", "alignment", "udasa_truthful_mc_acc", "udasa", "dpo", True),
     Claim("UDASA", "UDASA beats DPO on controlled sentiment (reward)", "sentiment", "reward", "udasa", "dpo", True),
@@ -49,7 +57,10 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("UDASA", "All three dimensions beat value only (reward)", "sentiment", "reward", "udasa", "udasa_value", True),
     Claim("UAL", "UAL-DPO beats DPO on controlled sentiment (reward)", "sentiment", "reward", "ual_dpo", "dpo", True),
     Claim("UAL", "UAL-SFT beats SFT on controlled sentiment (reward)", "sentiment", "reward", "ual_sft", "sft", True),
-    Claim("UAL", "UAL-DPO is more harmless than DPO", "alignment", "harmful_compliance_rate", "ual_dpo", "dpo", False),
+    Claim("UAL", "UAL-DPO is more harmless than DPO (harm-probe compliance)", "alignment", "harmful_compliance_rate",
+          "ual_dpo", "dpo", False),
+    Claim("UAL", "UAL-DPO is more harmless than DPO (refusal rate, probe-independent)", "alignment",
+          "harmful_refusal_rate", "ual_dpo", "dpo", True),
     Claim("UAL", "UAL-SFT is more helpful than SFT (win rate vs base)", "alignment", "win_rate", "ual_sft", "sft", True),
     Claim("UAL", "UAL-SFT tightens token clusters vs SFT (last-layer silhouette)", "alignment", "silhouette_token_last",
           "ual_sft", "sft", True),
@@ -136,6 +147,16 @@ def inferred_choices_table(config: dict, path: Path = INFERRED_CHOICES_FILE) -> 
                 raise ValueError(f"{path}: entry {index} ({entry['choice']}): {key!r} is not a config key") from None
             rows.append({"choice": entry["choice"], "knob": key, "value": json.dumps(value), "why": entry["why"]})
     return pd.DataFrame(rows)
+
+
+def sweep_mismatch(sweep_dir: Path, pairs_dir: Path) -> str | None:
+    """Why a sweep's results do not belong in this run's report, or None when every point trained
+    on this run's pairs (the same 03_stage folder), i.e. the sweep varied this run's training."""
+    points = json.loads((Path(sweep_dir) / "points.json").read_text())
+    pairs = {(Path(p["run_dir"]) / "03_stage").resolve() for p in points}
+    if pairs != {Path(pairs_dir).resolve()}:
+        return f"{sweep_dir} was run on other pairs ({len(pairs)} pair sets, e.g. another config); not shown"
+    return None
 
 
 def stage_times(run_dir: Path) -> pd.DataFrame:
