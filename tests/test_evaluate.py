@@ -181,3 +181,15 @@ def test_samples_of_one_prompt_count_once_in_the_bootstrap():
     records = [{"id": "a", "reward": 1.0}, {"id": "b", "reward": 0.0}, {"id": "a", "reward": 0.0},
                {"id": "b", "reward": 0.0}, {"id": "c", "reward": 1.0}]
     assert evaluate.per_prompt_means(records, "reward") == [0.5, 0.0, 1.0]
+
+
+def test_the_seeds_sweep_reaches_every_evaluation():
+    from udasa_lib import REPO_ROOT, pipeline
+
+    seeds = sweep.load_sweep(REPO_ROOT / "configs" / "sweeps" / "seeds.yaml")
+    reached, frontier = set(), [seeds.through]
+    while frontier:
+        stage = frontier.pop()
+        reached.add(stage)
+        frontier += [u for u in pipeline.STAGES[stage].upstream if u not in reached]
+    assert {s for s in pipeline.STAGES if s.startswith("05_eval_")} <= reached
