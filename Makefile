@@ -64,7 +64,7 @@ $(RUN_DIR)/02_score/manifest.json: $(RUN_DIR)/01_sample/manifest.json notebooks/
 $(RUN_DIR)/03_stage/manifest.json: $(RUN_DIR)/02_score/manifest.json notebooks/03_stage.ipynb udasa_lib/stage.py udasa_lib/prelim.py udasa_lib/sentiment_reward.py
 	$(STAGE) 03_stage
 
-$(RUN_DIR)/04_train/%/manifest.json: $(RUN_DIR)/03_stage/manifest.json notebooks/04_train.ipynb udasa_lib/train.py udasa_lib/models.py
+$(RUN_DIR)/04_train/%/manifest.json: $(RUN_DIR)/03_stage/manifest.json notebooks/04_train.ipynb udasa_lib/train.py udasa_lib/models.py udasa_lib/sample.py udasa_lib/score.py udasa_lib/stage.py
 	$(STAGE) 04_train --variant $*
 
 $(RUN_DIR)/05_eval_harmless/manifest.json: $(RUN_DIR)/00_data/manifest.json $(TRAINED) notebooks/05_eval_harmless.ipynb udasa_lib/evaluate.py udasa_lib/value_probe.py udasa_lib/stats.py udasa_lib/models.py
