@@ -1,10 +1,14 @@
 """Strict config resolution: every mistake names its key; run ids are deterministic."""
+import re
+
 import pytest
 
 from udasa_lib import config
 from udasa_lib.pipeline import STAGES, StageError, stage_key
 
 from conftest import SMOKE_CONFIG, REPO_ROOT
+
+DEFAULT = REPO_ROOT / "configs" / "default.yaml"
 
 
 def _write(tmp_path, text):
@@ -91,3 +95,45 @@ def test_stage_keys_follow_only_their_sections(smoke_data):
     with pytest.raises(StageError, match="upstream stage 00_data has not finished"):
         stage_key(data_changed, "01_sample")
     assert set(STAGES) >= {"00_data", "01_sample", "02_score", "03_stage"}
+
+
+@pytest.mark.parametrize("key, value, rule", [
+    ("sample.k", 1, ">= 2"), ("sample.k", -1, ">= 2"), ("sample.temperature", -0.5, ">= 0"),
+    ("eval_sentiment.temperature", -1, ">= 0"), ("eval_harmless.temperature", -0.1, ">= 0"),
+    ("sample.top_p", 1.5, "in \\(0, 1\\]"), ("sample.top_p", 0.0, "in \\(0, 1\\]"),
+    ("sample.batch_prompts", 0, ">= 1"), ("sample.tasks.alignment.max_new_tokens", 0, ">= 1"),
+    ("sample.tasks.alignment.sources", {"harmful_train": 0}, ">= 1"),
+    ("data.harmful_test_fraction", 1.0, "in \\(0, 1\\)"), ("data.benign_test_fraction", 0, "in \\(0, 1\\)"),
+    ("train.batch_size", 0, ">= 1"), ("train.learning_rate", 0, "> 0"), ("train.max_length", 1, ">= 2"),
+    ("train.beta", {"conservative": 0, "moderate": 0.1, "exploratory": 0.1, "unstaged": 0.1}, "> 0"),
+    ("train.lora.dropout", 1.0, "in \\[0, 1\\)"), ("train.ual.max_epsilon", 0.7, "in \\[0, 0.5\\)"),
+    ("eval_sentiment.prompts", 0, ">= 1"), ("silhouette.max_points", 2, ">= 4"), ("bootstrap_samples", 0, ">= 1"),
+    ("score.semantic.threshold", 1.5, "in \\[-1, 1\\]"), ("stage.tie_epsilon", -1e-3, ">= 0"),
+    ("train.learning_rate", float("nan"), "> 0"), ("stage.cut_points", [0.2, 1.5], "in \\[0, 1\\]"),
+])
+def test_out_of_range_values_fail_at_resolve_time_naming_the_key(key, value, rule):
+    """Before any stage runs: the message names the dotted key and the allowed range."""
+    leaf = (f"{key}.{next(k for k, v in value.items() if v == 0)}" if isinstance(value, dict)
+            else f"{key}[1]" if isinstance(value, list) else key)
+    with pytest.raises(config.ConfigError, match=rf"{re.escape(leaf)}: .* out of range; must be {rule}"):
+        config.resolve(DEFAULT, {key: value})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.sentiment_prefix_min_tokens": 9}, "data.sentiment_prefix_min_tokens: 9 exceeds"),
+    ({"train.ual.mean_epsilon": 0.45}, "train.ual.mean_epsilon: 0.45 is outside"),
+    ({"stage.truncated": {"alignment": "keep", "typo": "drop"}}, "stage.truncated.typo: not a task"),
+    ({"stage.truncated": {"alignment": "cut"}}, "stage.truncated.alignment: 'cut' is not one of keep, drop"),
+])
+def test_relations_between_keys_are_checked(overrides, message):
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.resolve(DEFAULT, overrides)
+
+
+def test_zero_temperature_means_greedy_everywhere():
+    from udasa_lib.generation import sampling_kwargs
+
+    for key in ("sample.temperature", "eval_harmless.temperature", "eval_sentiment.temperature"):
+        config.resolve(DEFAULT, {key: 0.0})
+    assert sampling_kwargs(0.0) == {"do_sample": False}
+    assert sampling_kwargs(0.7, 0.9, 0) == {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0}

@@ -37,7 +37,14 @@ def policy_set(tiny_model_path, two_adapters):
     return evaluate.PolicySet(model, {"base": None, **two_adapters}), tokenizer
 
 
-PROMPTS = ["The movie was", "I think this film", "Honestly, the acting"]
+TEXTS = ["The movie was", "I think this film", "Honestly, the acting"]
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(policy_set):
+    from udasa_lib.generation import encode_prompt
+
+    return [encode_prompt(policy_set[1], t) for t in TEXTS]
 
 
 def _logits(model, tokenizer, text):
@@ -55,39 +62,40 @@ def test_policy_set_switches_adapters_and_base_is_the_plain_model(policy_set, ti
     policies, tokenizer = policy_set
     plain, _ = load_causal_lm(str(tiny_model_path), "float32", "cpu")
     with policies.use("base") as model:
-        base = _logits(model, tokenizer, PROMPTS[0])
+        base = _logits(model, tokenizer, TEXTS[0])
     with policies.use("first") as model:
-        first = _logits(model, tokenizer, PROMPTS[0])
+        first = _logits(model, tokenizer, TEXTS[0])
     with policies.use("second") as model:
-        second = _logits(model, tokenizer, PROMPTS[0])
-    torch.testing.assert_close(base, _logits(plain, tokenizer, PROMPTS[0]))
+        second = _logits(model, tokenizer, TEXTS[0])
+    torch.testing.assert_close(base, _logits(plain, tokenizer, TEXTS[0]))
     assert not torch.allclose(first, base) and not torch.allclose(first, second)
     with pytest.raises(KeyError, match="unknown policy 'third'"):
         with policies.use("third"):
             pass
 
 
-def test_kl_of_a_policy_against_itself_is_zero(policy_set):
+def test_kl_of_a_policy_against_itself_is_zero(policy_set, prompt_ids):
     policies, tokenizer = policy_set
     with policies.use("first") as model:
-        samples = evaluate.generate(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2, do_sample=True, seed=3)
+        samples = evaluate.generate(model, tokenizer, prompt_ids, max_new_tokens=6, batch_size=2, temperature=1.0,
+                                    seed=3)
         completions = [s["token_ids"] for s in samples]
-        logp_policy = evaluate.sequence_logprobs(model, tokenizer, PROMPTS, completions, batch_size=2)
-        logp_again = evaluate.sequence_logprobs(model, tokenizer, PROMPTS, completions, batch_size=3)
+        logp_policy = evaluate.sequence_logprobs(model, tokenizer, prompt_ids, completions, batch_size=2)
+        logp_again = evaluate.sequence_logprobs(model, tokenizer, prompt_ids, completions, batch_size=3)
     with policies.use("base") as model:
-        logp_reference = evaluate.sequence_logprobs(model, tokenizer, PROMPTS, completions)
+        logp_reference = evaluate.sequence_logprobs(model, tokenizer, prompt_ids, completions)
     np.testing.assert_allclose(logp_policy - logp_again, 0.0, atol=1e-4)  # batching must not change it
     assert np.abs(logp_policy - logp_reference).max() > 1e-3  # a different policy is not zero
 
 
-def test_sequence_logprobs_equal_a_manual_teacher_forced_sum(policy_set):
+def test_sequence_logprobs_equal_a_manual_teacher_forced_sum(policy_set, prompt_ids):
     import torch
 
     policies, tokenizer = policy_set
     completion = tokenizer(" great fun", add_special_tokens=False)["input_ids"]
     with policies.use("second") as model:
-        got = evaluate.sequence_logprobs(model, tokenizer, PROMPTS[:2], [completion, completion[:1]])
-        prompt = tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+        got = evaluate.sequence_logprobs(model, tokenizer, prompt_ids[:2], [completion, completion[:1]])
+        prompt = prompt_ids[0]
         ids = torch.tensor([prompt + completion])
         with torch.inference_mode():
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
@@ -95,13 +103,13 @@ def test_sequence_logprobs_equal_a_manual_teacher_forced_sum(policy_set):
     assert got[0] == pytest.approx(manual, abs=1e-4)
 
 
-def test_seeded_sampling_repeats_and_greedy_is_deterministic(policy_set):
+def test_seeded_sampling_repeats_and_greedy_is_deterministic(policy_set, prompt_ids):
     policies, tokenizer = policy_set
     with policies.use("first") as model:
-        a = evaluate.generate(model, tokenizer, PROMPTS, max_new_tokens=5, batch_size=2, do_sample=True, seed=1)
-        b = evaluate.generate(model, tokenizer, PROMPTS, max_new_tokens=5, batch_size=2, do_sample=True, seed=1)
-        g1 = evaluate.generate(model, tokenizer, PROMPTS, max_new_tokens=5, batch_size=3)
-        g2 = evaluate.generate(model, tokenizer, PROMPTS, max_new_tokens=5, batch_size=1)
+        a = evaluate.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=2, temperature=1.0, seed=1)
+        b = evaluate.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=2, temperature=1.0, seed=1)
+        g1 = evaluate.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=3)
+        g2 = evaluate.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=1)
     assert a == b
     assert [g["token_ids"] for g in g1] == [g["token_ids"] for g in g2]
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from udasa_lib import pipeline, sample
+from udasa_lib import generation, pipeline, sample
 from udasa_lib.io import SchemaError, atomic_write_jsonl
 
 from conftest import SMOKE_CONFIG
@@ -12,7 +12,8 @@ from conftest import SMOKE_CONFIG
 
 def test_k_responses_with_logprobs(tiny_model):
     model, tokenizer = tiny_model
-    prompts = [sample.format_prompt(tokenizer, t, True) for t in ("Say hi.", "Name a colour please.")]
+    prompts = [generation.encode_prompt(tokenizer, generation.format_prompt(tokenizer, t, True))
+               for t in ("Say hi.", "Name a colour please.")]
     out = sample.generate_batch(model, tokenizer, prompts, k=3, temperature=1.0, top_p=1.0, top_k=0,
                                 max_new_tokens=6, seed=1)
     assert len(out) == 2 and all(len(responses) == 3 for responses in out)
@@ -26,11 +27,10 @@ def test_k_responses_with_logprobs(tiny_model):
 def test_logprobs_equal_a_teacher_forced_forward_pass(tiny_model):
     """The saved log-probs are log pi(y_t | x, y_<t) of the untempered policy, left padding included."""
     model, tokenizer = tiny_model
-    prompts = ["Hello there, how are you", "Hi"]  # different lengths -> left padding in the batch
+    prompts = [generation.encode_prompt(tokenizer, t) for t in ("Hello there, how are you", "Hi")]  # left padding
     out = sample.generate_batch(model, tokenizer, prompts, k=2, temperature=0.7, top_p=0.9, top_k=0,
                                 max_new_tokens=5, seed=3)
-    for prompt, responses in zip(prompts, out):
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for prompt_ids, responses in zip(prompts, out):
         for r in responses:
             ids = torch.tensor([prompt_ids + r["token_ids"]])
             with torch.no_grad():
@@ -42,9 +42,10 @@ def test_logprobs_equal_a_teacher_forced_forward_pass(tiny_model):
 def test_same_seed_same_samples(tiny_model):
     model, tokenizer = tiny_model
     kwargs = dict(k=2, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=5)
-    a = sample.generate_batch(model, tokenizer, ["Hi"], seed=7, **kwargs)
-    b = sample.generate_batch(model, tokenizer, ["Hi"], seed=7, **kwargs)
-    c = sample.generate_batch(model, tokenizer, ["Hi"], seed=8, **kwargs)
+    hi = [generation.encode_prompt(tokenizer, "Hi")]
+    a = sample.generate_batch(model, tokenizer, hi, seed=7, **kwargs)
+    b = sample.generate_batch(model, tokenizer, hi, seed=7, **kwargs)
+    c = sample.generate_batch(model, tokenizer, hi, seed=8, **kwargs)
     assert a == b and a != c
 
 
@@ -71,7 +72,8 @@ def test_resume_gives_the_uninterrupted_file(smoke_data):
 
 
 def test_malformed_samples_name_the_record(tmp_path):
-    good = {"prompt_id": "p1", "task": "t", "prompt": "x", "formatted_prompt": "x", "responses": []}
+    good = {"prompt_id": "p1", "task": "t", "prompt": "x", "formatted_prompt": "x", "prompt_token_ids": [5],
+            "responses": []}
     path = atomic_write_jsonl(tmp_path / "samples.jsonl", [good])
     with pytest.raises(SchemaError, match=r"line 1 \(prompt p1\): empty response list"):
         sample.load_samples(path)

@@ -117,7 +117,7 @@ def test_rejected_strategies():
 
 
 def _record(pid, texts, task="t"):
-    return {"prompt_id": pid, "task": task, "prompt": pid, "formatted_prompt": pid,
+    return {"prompt_id": pid, "task": task, "prompt": pid, "formatted_prompt": pid, "prompt_token_ids": [5],
             "responses": [{"sample_id": f"{pid}-s{j}", "text": t, "token_ids": [1], "token_logprobs": [-1.0],
                            "finish_reason": "eos"} for j, t in enumerate(texts)]}
 
@@ -132,7 +132,7 @@ def test_ties_and_identical_texts_are_dropped():
     scores = [_scores("tie", [0.5, 0.5], [1, 1], [0, 0]), _scores("same", [0, 1], [0, 1], [0, 1]),
               _scores("ok", [0, 1], [0, 1], [0, 1])]
     pairs, dropped = stage.build_pairs(samples, scores, {"semantic": 1, "factual": 1, "value": 1}, "max", 1e-6, (), 0)
-    assert dropped == {"tie": 1, "identical_text": 1}
+    assert dropped == {"tie": 1, "identical_text": 1, "truncated": 0}
     assert [(p["chosen"], p["rejected"], p["delta_u"]) for p in pairs] == [("good", "bad", 1.0)]
     assert pairs[0]["pair_uncertainty"] == 0.0 and pairs[0]["uncertainty_chosen"] == 0.0
 

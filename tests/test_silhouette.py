@@ -52,6 +52,32 @@ def test_silhouette_drops_singletons_and_needs_two_labels():
         sil.silhouette_by_layer(hidden, one_label)
 
 
+def test_subsample_keeps_as_many_labels_as_fit_each_with_two_tokens():
+    pairs_of_two = np.repeat(np.arange(30), 2)  # 30 labels of 2 tokens
+    kept = sil.token_subsample(pairs_of_two, max_points=30, seed=0)
+    assert (kept.labels_kept, len(kept.indices), kept.labels_eligible) == (15, 30, 30)
+    assert set(np.unique(pairs_of_two[kept.indices], return_counts=True)[1]) == {2}
+    assert sil.token_subsample(pairs_of_two, max_points=20, seed=0).labels_kept == 10
+    assert sil.token_subsample(pairs_of_two, max_points=21, seed=0).labels_kept == 10
+    everything = sil.token_subsample(pairs_of_two, max_points=60, seed=0)
+    assert everything.whole and everything.labels_kept == 30 and len(everything.indices) == 60
+    assert sil.describe_subsample(pairs_of_two, 30, 0).startswith("30 tokens of 15 whole labels")
+
+    # labels of 2, 3, 5 and 40 tokens and a singleton, budget 10: all four kept, 2 tokens each,
+    # the 2 spare tokens go to the label with the most tokens left
+    mixed = np.array([0] * 2 + [1] * 3 + [2] * 5 + [3] * 40 + [4])
+    kept = sil.token_subsample(mixed, max_points=10, seed=0)
+    assert (kept.labels_kept, kept.labels_eligible, kept.whole) == (4, 4, False)
+    assert np.unique(mixed[kept.indices], return_counts=True)[1].tolist() == [2, 2, 2, 3]
+    # four labels of 200 tokens, budget 300: all four labels, 75 tokens each
+    big = np.repeat(np.arange(4), 200)
+    assert np.unique(big[sil.token_subsample(big, 300, seed=1).indices], return_counts=True)[1].tolist() == [75] * 4
+    a, b = sil.token_subsample(big, 300, seed=3), sil.token_subsample(big, 300, seed=3)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    with pytest.raises(ValueError, match="1 fit"):
+        sil.token_subsample(np.array([0] * 3 + [1] * 50), max_points=3, seed=0)
+
+
 def test_top_token_labels_and_category_labels():
     ids = np.array([5, 3, 5, 7, 3, 9, 7, 5, 1])
     # counts: 5->3, 3->2, 7->2, 1->1, 9->1; the 3-vs-7 tie goes to the smaller id
@@ -74,9 +100,11 @@ def test_response_hidden_states_on_tiny_model(tiny_model):
                "<|im_start|>user\nTell me a much longer story about cats and dogs<|im_end|>\n<|im_start|>assistant\n",
                "<|im_start|>user\nOk<|im_end|>\n<|im_start|>assistant\n"]
     responses = ["Hello!", "Once upon a time there were two friends who lived together.", "Sure"]
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    responses = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
     out = sil.response_hidden_states(model, tokenizer, prompts, responses, batch_size=2)
 
-    n_resp = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
+    n_resp = [len(r) for r in responses]
     cfg = model.config
     assert out["layers"].shape == (cfg.num_hidden_layers + 1, sum(n_resp), cfg.hidden_size)
     assert out["layers"].dtype == np.float32
@@ -85,8 +113,7 @@ def test_response_hidden_states_on_tiny_model(tiny_model):
 
     # Example 0 is padded to example 1's length in the first batch: its response vectors must
     # equal an unpadded single forward pass, which pins both the padding and the boundary.
-    p = tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
-    r = tokenizer(responses[0], add_special_tokens=False)["input_ids"]
+    p, r = prompts[0], responses[0]
     with torch.inference_mode():
         direct = model(input_ids=torch.tensor([p + r]), output_hidden_states=True).hidden_states
     sel = out["example_index"] == 0

@@ -246,16 +246,17 @@ def test_same_seed_same_adapter(staged_smoke):
 
 
 def test_nan_loss_stops_the_stage_without_manifest(staged_smoke):
-    overrides = {"train.beta.unstaged": float("nan"), "train.methods": {"alignment": ["dpo"], "sentiment": ["dpo"]}}
-    with pytest.raises(pipeline.StageError, match="loss is nan"):
+    # a NaN knob is refused at resolve time (test_config); a step size this large diverges instead
+    overrides = {"train.learning_rate": 1.0e30, "train.methods": {"alignment": ["dpo"], "sentiment": ["dpo"]}}
+    with pytest.raises(pipeline.StageError, match="loss is (nan|inf)"):
         pipeline.run_stage("04_train", SMOKE_CONFIG, overrides, variant="alignment/dpo")
     stage = pipeline.open_stage("04_train", SMOKE_CONFIG, overrides, variant="alignment/dpo")
     assert not (stage.dir / pipeline.MANIFEST).exists()
 
 
 def test_a_stage_with_zero_pairs_is_an_error_naming_it(staged_smoke):
-    # fixed cut points above every delta u put all pairs in the exploratory stage
-    overrides = {"stage.cut_points": [5.0, 6.0]}
+    # delta u <= 1, so fixed cut points at 1 put every pair in the exploratory stage
+    overrides = {"stage.cut_points": [1.0, 1.0]}
     pipeline.run_stage("03_stage", SMOKE_CONFIG, overrides)
     stage = pipeline.open_stage("04_train", SMOKE_CONFIG, overrides, variant="alignment/udasa")
     with pytest.raises(train.TrainingError, match="'conservative' has zero pairs"):

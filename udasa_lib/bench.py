@@ -40,7 +40,7 @@ def _count_new_tokens(sequences, prompt_length: int, eos_ids: set[int]) -> int:
 def bench_sampling(cfg: config_mod.Config, n_prompts: int) -> dict:
     import torch
 
-    from udasa_lib import data, sample
+    from udasa_lib import data, generation, sample
     from udasa_lib.models import configure_threads, load_causal_lm
 
     threads = configure_threads(cfg.runtime.threads)
@@ -48,11 +48,12 @@ def bench_sampling(cfg: config_mod.Config, n_prompts: int) -> dict:
     task = cfg.sample.tasks["alignment"]
     texts = [r["text"] for r in data.load_benign()[: n_prompts // 2]]
     texts += [r["text"] for r in data.load_advbench()[: n_prompts - len(texts)]]
-    prompts = [sample.format_prompt(tokenizer, t, task.chat_template) for t in texts]
+    prompts = [generation.encode_prompt(tokenizer, generation.format_prompt(tokenizer, t, task.chat_template))
+               for t in texts]
     k, max_new = cfg.sample.k, task.max_new_tokens
-    eos_ids = sample._eos_ids(model, tokenizer)
-    gen_kwargs = dict(do_sample=True, temperature=cfg.sample.temperature, top_p=cfg.sample.top_p,
-                      top_k=cfg.sample.top_k, max_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id)
+    eos_ids = generation.eos_ids(model, tokenizer)
+    gen_kwargs = dict(max_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id,
+                      **generation.sampling_kwargs(cfg.sample.temperature, cfg.sample.top_p, cfg.sample.top_k))
 
     sample.generate_batch(model, tokenizer, prompts[:1], k=1, temperature=1.0, top_p=1.0, top_k=0,
                           max_new_tokens=4, seed=0)  # warm-up: first-call allocations are not throughput
@@ -70,11 +71,12 @@ def bench_sampling(cfg: config_mod.Config, n_prompts: int) -> dict:
         torch.manual_seed(0)
         tokens, begin = 0, time.perf_counter()
         for prompt in prompts:
-            encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+            input_ids = torch.tensor([prompt], device=model.device)
             for _ in range(k // sequences_per_call):
                 with torch.inference_mode():
-                    sequences = model.generate(**encoded, num_return_sequences=sequences_per_call, **gen_kwargs)
-                tokens += _count_new_tokens(sequences, encoded["input_ids"].shape[1], eos_ids)
+                    sequences = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                               num_return_sequences=sequences_per_call, **gen_kwargs)
+                tokens += _count_new_tokens(sequences, input_ids.shape[1], eos_ids)
         return tokens, time.perf_counter() - begin
 
     single_tokens, single_s = loop(1)
@@ -142,12 +144,14 @@ def bench_training(cfg: config_mod.Config, n_pairs: int) -> dict:
     threads = configure_threads(cfg.runtime.threads)
     rows = train.load_pairs(stage_dir, "combined", "alignment")[:n_pairs]
     records = train.training_records(rows, train.METHODS["dpo"], None)
+    # trl's own path re-tokenises text and appends EOS: the baseline the configured path is compared with
+    text_records = [{"prompt": r["formatted_prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
     results = {}
     for name in ("configured", "trl_default"):
         set_seed(cfg.seed)
         base, tokenizer = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, cfg.runtime.device)
         tokenizer.padding_side = "right"
-        dataset = Dataset.from_list(records)
+        dataset = Dataset.from_list(records if name == "configured" else text_records)
         cpu = base.device.type == "cpu"
         if name == "configured":
             args = train._trainer_args(cfg, train.UNSTAGED, REPO_ROOT / "results" / "bench" / "tmp", "dpo",

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 
@@ -27,6 +27,40 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Range:
+    """Allowed interval of a numeric key, checked when the config is resolved (before any stage runs)."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+    def check(self, value: float, key: str) -> None:
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high or value != value:  # value != value: NaN
+            raise ConfigError(f"{key}: {value!r} is out of range; must be {self.describe()}")
+
+
+# The value ranges, one rule each, shared by every key of that kind.
+Positive = Annotated[int, Range(low=1)]  # sizes, counts, lengths
+NonNegative = Annotated[int, Range(low=0)]
+PositiveFloat = Annotated[float, Range(low=0, low_open=True)]
+NonNegativeFloat = Annotated[float, Range(low=0)]
+Fraction = Annotated[float, Range(0, 1, low_open=True, high_open=True)]  # a share strictly between 0 and 1
+UnitInterval = Annotated[float, Range(0, 1)]
+# 0 means greedy decoding at every stage that samples (generation.sampling_kwargs)
+Temperature = Annotated[float, Range(low=0)]
+TopP = Annotated[float, Range(0, 1, low_open=True)]
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str  # hub id or local folder; relative paths resolve against the repo root
     dtype: Literal["auto", "float32", "bfloat16", "float16"]  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
@@ -34,48 +68,48 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    threads: int  # torch CPU threads; 0 = torch's default. UDASA_THREADS overrides it
+    threads: NonNegative  # torch CPU threads; 0 = torch's default. UDASA_THREADS overrides it
     device: str  # auto | cpu | cuda | cuda:N
-    num_processes: int  # >1 runs the stage's heavy part under `accelerate launch` (one per GPU)
+    num_processes: Positive  # >1 runs the stage's heavy part under `accelerate launch` (one per GPU)
     accelerate_config: str  # configs/accelerate/*.yaml for `accelerate launch`; empty = accelerate's defaults
 
 
 @dataclass(frozen=True)
 class DataConfig:
     split_seed: int  # seeds every train/test split
-    harmful_test_fraction: float  # of AdvBench + Do-Not-Answer prompts held out
-    benign_test_fraction: float  # of the project's benign instructions held out
-    truthful_max_choices: int  # options per multiple-choice question
-    sentiment_prefix_min_tokens: int  # IMDb prompt prefix length range (DPO paper: 2-8)
-    sentiment_prefix_max_tokens: int
-    sentiment_train_prompts: int
-    sentiment_test_prompts: int
-    sentiment_classifier_reviews: int  # reviews reserved for the ground-truth classifier
+    harmful_test_fraction: Fraction  # of AdvBench + Do-Not-Answer prompts held out
+    benign_test_fraction: Fraction  # of the project's benign instructions held out
+    truthful_max_choices: Annotated[int, Range(low=2)]  # options per multiple-choice question
+    sentiment_prefix_min_tokens: Positive  # IMDb prompt prefix length range (DPO paper: 2-8)
+    sentiment_prefix_max_tokens: Positive
+    sentiment_train_prompts: Positive
+    sentiment_test_prompts: Positive
+    sentiment_classifier_reviews: Positive  # reviews reserved for the ground-truth classifier
     probe_embedder: str  # sentence-transformers id or folder for the harm probe
     probe_seed: int  # seeds the harm probe's train/held-out split
 
 
 @dataclass(frozen=True)
 class SampleTask:
-    sources: dict[str, int]  # data split name -> number of prompts taken from it
-    max_new_tokens: int
+    sources: dict[str, Positive]  # data split name -> number of prompts taken from it
+    max_new_tokens: Positive
     chat_template: bool  # wrap the prompt as a user turn (instruction tasks) or continue raw text
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    k: int  # responses per prompt
-    temperature: float
-    top_p: float
-    top_k: int  # 0 disables top-k (transformers' own default is 50, which is not plain sampling)
-    batch_prompts: int  # prompts per generate call; each expands to k sequences
+    k: Annotated[int, Range(low=2)]  # responses per prompt (uncertainty needs at least two)
+    temperature: Temperature  # 0 = greedy (then the K responses are identical and give no pairs)
+    top_p: TopP
+    top_k: NonNegative  # 0 disables top-k (transformers' own default is 50, which is not plain sampling)
+    batch_prompts: Positive  # prompts per generate call; each expands to k sequences
     tasks: dict[str, SampleTask]
 
 
 @dataclass(frozen=True)
 class SemanticConfig:
     equivalence: Literal["embedding", "nli"]  # embedding (cosine >= threshold) | nli (bidirectional entailment)
-    threshold: float  # cosine similarity at which two responses count as the same meaning
+    threshold: Annotated[float, Range(-1, 1)]  # cosine similarity at which two responses count as the same meaning
     probability: Literal["discrete", "weighted"]  # discrete (|c|/K) | weighted (length-normalised sequence likelihoods)
 
 
@@ -91,7 +125,7 @@ class ValueConfig:
     scorers: dict[str, Literal["self_judge", "harm_probe", "vader"]]  # task -> self_judge | harm_probe | vader
     judge: str  # judge LM for self_judge; empty = the policy itself
     principles: str  # YAML file: task -> the principle the judge checks
-    batch_size: int
+    batch_size: Positive
 
 
 @dataclass(frozen=True)
@@ -105,11 +139,14 @@ class ScoreConfig:
 
 @dataclass(frozen=True)
 class StageConfig:
-    weights: dict[str, float]  # semantic/factual/value; normalised to sum to 1
+    weights: dict[str, NonNegativeFloat]  # semantic/factual/value; normalised to sum to 1
     rejected_strategy: Literal["max", "second", "random"]  # max | second | random
-    tie_epsilon: float  # pairs with delta u below this are dropped as ties
-    cut_points: tuple[float, ...]  # empty: delta-u tertiles per task; [low, high]: fixed thresholds
+    tie_epsilon: NonNegativeFloat  # pairs with delta u below this are dropped as ties
+    cut_points: tuple[UnitInterval, ...]  # empty: delta-u tertiles per task; [low, high]: fixed thresholds
     order: tuple[Literal["conservative", "moderate", "exploratory"], ...]  # training order of the stages
+    # task -> keep | drop: may a response cut at max_new_tokens enter a pair? Either way it is
+    # trained without an EOS; a task not listed keeps them
+    truncated: dict[str, Literal["keep", "drop"]]
 
 
 TRAIN_METHODS = ("sft", "dpo", "udasa", "udasa_reverse", "ual_sft", "ual_dpo",
@@ -120,32 +157,32 @@ TrainMethod = Literal["sft", "dpo", "udasa", "udasa_reverse", "ual_sft", "ual_dp
 
 @dataclass(frozen=True)
 class LoraSettings:
-    r: int
-    alpha: int
-    dropout: float
+    r: Positive
+    alpha: Positive
+    dropout: Annotated[float, Range(0, 1, high_open=True)]
     targets: tuple[str, ...]  # module names LoRA wraps, e.g. q_proj, v_proj
 
 
 @dataclass(frozen=True)
 class UALSettings:
-    mean_epsilon: float  # the intercept is solved so the training set's mean epsilon is this
-    slope: float  # epsilon_i = clip(a + slope * u_i, min, max); slope >= 0
-    min_epsilon: float
-    max_epsilon: float
+    mean_epsilon: Annotated[float, Range(0, 0.5, high_open=True)]  # the intercept is solved so the training set's mean epsilon is this
+    slope: NonNegativeFloat  # epsilon_i = clip(a + slope * u_i, min, max); slope >= 0
+    min_epsilon: Annotated[float, Range(0, 0.5, high_open=True)]  # label smoothing of 0.5 or more inverts the labels
+    max_epsilon: Annotated[float, Range(0, 0.5, high_open=True)]
     direction: Literal["uncertain_smoother", "certain_smoother"]  # which samples get more smoothing
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     methods: dict[str, tuple[TrainMethod, ...]]  # task -> methods; one LoRA policy per (task, method)
-    seed: int  # LoRA init, data order, on-policy sampling; sampling and pairs do not read it (seeds sweep)
-    beta: dict[str, float]  # per stage (conservative, moderate, exploratory) and `unstaged` (dpo, ual_dpo)
-    epochs: dict[str, int]  # same keys as beta; sft and ual_sft use `unstaged`
-    learning_rate: float
+    seed: NonNegative  # LoRA init, data order, on-policy sampling; sampling and pairs do not read it (seeds sweep)
+    beta: dict[str, PositiveFloat]  # per stage (conservative, moderate, exploratory) and `unstaged` (dpo, ual_dpo)
+    epochs: dict[str, Positive]  # same keys as beta; sft and ual_sft use `unstaged`
+    learning_rate: PositiveFloat
     lr_scheduler: str  # transformers scheduler name, restarted at every stage
-    batch_size: int  # pairs (or SFT examples) per device per step
-    gradient_accumulation_steps: int
-    max_length: int  # prompt + completion tokens
+    batch_size: Positive  # pairs (or SFT examples) per device per step
+    gradient_accumulation_steps: Positive
+    max_length: Annotated[int, Range(low=2)]  # prompt + completion tokens
     reference: Literal["initial", "previous"]  # DPO reference per stage: pi_0, or the policy at stage start
     on_policy: bool  # staged methods: re-sample, re-score and re-pair each later stage's prompts with the current policy
     gradient_checkpointing: bool
@@ -155,48 +192,48 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalHarmlessConfig:
-    harmful_prompts: int  # held-out harmful prompts (first n of harmful_test)
-    benign_prompts: int  # held-out benign instructions: over-refusal here, win rate in 05_eval_winrate
-    max_new_tokens: int
-    temperature: float  # 0 = greedy (default); > 0 samples (the tiny test model only emits text when sampled)
-    batch_size: int  # prompts per generate call
+    harmful_prompts: Positive  # held-out harmful prompts (first n of harmful_test)
+    benign_prompts: Positive  # held-out benign instructions: over-refusal here, win rate in 05_eval_winrate
+    max_new_tokens: Positive
+    temperature: Temperature  # 0 = greedy (default); > 0 samples (the tiny test model only emits text when sampled)
+    batch_size: Positive  # prompts per generate call
 
 
 @dataclass(frozen=True)
 class EvalWinrateConfig:
     judge: str  # causal LM that judges the pairs; empty = the base policy (model.name_or_path)
-    max_length: int  # judge prompt tokens; each output is cut to fit
-    batch_size: int
+    max_length: Positive  # judge prompt tokens; each output is cut to fit
+    batch_size: Positive
 
 
 @dataclass(frozen=True)
 class EvalLmevalConfig:
     tasks: tuple[str, ...]  # repo task names (udasa_lib/lm_eval_tasks/*.yaml) or lm-eval built-ins (need the hub)
-    limit: int  # questions per task; 0 = all
-    batch_size: int
+    limit: NonNegative  # questions per task; 0 = all
+    batch_size: Positive
 
 
 @dataclass(frozen=True)
 class EvalSentimentConfig:
-    prompts: int  # held-out IMDb prefixes (first n of sentiment_test)
-    samples_per_prompt: int
-    max_new_tokens: int
-    temperature: float  # sampling temperature of the evaluated policy (DPO App. C samples at 1.0)
-    batch_size: int
+    prompts: Positive  # held-out IMDb prefixes (first n of sentiment_test)
+    samples_per_prompt: Positive
+    max_new_tokens: Positive
+    temperature: Temperature  # of the evaluated policy (DPO App. C samples at 1.0); 0 = greedy
+    batch_size: Positive
 
 
 @dataclass(frozen=True)
 class SilhouetteConfig:
-    responses: int  # base responses of 05_eval_harmless (harmful + benign), teacher-forced through every policy
-    top_tokens: int  # token view: labels = ids of the n most frequent response tokens (UAL's token clustering)
-    max_points: int  # tokens per silhouette computation (deterministic subsample)
-    bootstrap: int  # resamples of responses for the last layer's CI (0 = none)
+    responses: Annotated[int, Range(low=2)]  # base responses of 05_eval_harmless (harmful + benign), teacher-forced through every policy
+    top_tokens: Annotated[int, Range(low=2)]  # token view: labels = ids of the n most frequent response tokens (UAL's token clustering)
+    max_points: Annotated[int, Range(low=4)]  # tokens per silhouette computation (deterministic subsample)
+    bootstrap: NonNegative  # resamples of responses for the last layer's CI (0 = none)
     compare: tuple[str, ...]  # two policies whose last-layer projections are drawn side by side
 
 
 @dataclass(frozen=True)
 class Config:
-    seed: int
+    seed: NonNegative
     model: ModelConfig
     runtime: RuntimeConfig
     data: DataConfig
@@ -209,7 +246,7 @@ class Config:
     eval_lmeval: EvalLmevalConfig
     eval_sentiment: EvalSentimentConfig
     silhouette: SilhouetteConfig
-    bootstrap_samples: int  # resamples of prompts for every 95 % confidence interval
+    bootstrap_samples: Positive  # resamples of prompts for every 95 % confidence interval
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -244,6 +281,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is Annotated:
+        inner, *rules = typing.get_args(tp)
+        value = _coerce(value, inner, key)
+        for rule in rules:
+            rule.check(value, key)
+        return value
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -281,7 +324,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def build_dataclass(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     dotted = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
     unknown = sorted(set(data) - set(names))
@@ -343,10 +386,29 @@ def apply_overrides(data: dict, overrides: Mapping[str, Any]) -> dict:
     return data
 
 
+def check_relations(config: Config) -> None:
+    """Constraints between keys that no single key's range can state."""
+    data = config.data
+    if data.sentiment_prefix_min_tokens > data.sentiment_prefix_max_tokens:
+        raise ConfigError(f"data.sentiment_prefix_min_tokens: {data.sentiment_prefix_min_tokens} exceeds "
+                          f"data.sentiment_prefix_max_tokens ({data.sentiment_prefix_max_tokens})")
+    ual = config.train.ual
+    if not ual.min_epsilon <= ual.mean_epsilon <= ual.max_epsilon:
+        raise ConfigError(f"train.ual.mean_epsilon: {ual.mean_epsilon} is outside "
+                          f"[train.ual.min_epsilon, train.ual.max_epsilon] = [{ual.min_epsilon}, {ual.max_epsilon}]")
+    unknown = sorted(set(config.stage.truncated) - set(config.sample.tasks))
+    if unknown:
+        raise ConfigError(f"stage.truncated.{unknown[0]}: not a task of sample.tasks ({', '.join(config.sample.tasks)})")
+    if not config.sample.tasks:
+        raise ConfigError("sample.tasks: at least one task is needed")
+
+
 def resolve(path: Path | str, overrides: Mapping[str, Any] | None = None) -> Config:
     raw = apply_overrides(load_raw(path), overrides or {})
     try:
-        return build_dataclass(Config, raw)
+        config = build_dataclass(Config, raw)
+        check_relations(config)
+        return config
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
 

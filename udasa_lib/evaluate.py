@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from udasa_lib import generation
 from udasa_lib.io import atomic_write_jsonl, atomic_write_text, read_jsonl
 
 BASE = "base"
@@ -83,60 +84,29 @@ class PolicySet:
             del policy
 
 
-def generate(model, tokenizer, formatted_prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
-             do_sample: bool = False, temperature: float = 1.0, seed: int = 0, desc: str = "") -> list[dict]:
-    """One continuation per prompt, batched and left-padded: text, token ids, finish reason.
-    Sampling is plain ancestral (top_k=0, top_p=1), seeded per batch so a batch size change
-    is the only thing that changes the draws."""
-    import torch
+def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
+             temperature: float = 0.0, seed: int = 0, desc: str = "") -> list[dict]:
+    """One continuation per prompt (ids from `generation.encode_prompt`), batched: text, token ids,
+    finish reason. temperature 0 = greedy, > 0 = plain ancestral sampling (top_k=0, top_p=1), seeded
+    per batch so a batch size change is the only thing that changes the draws."""
     from tqdm.auto import tqdm
 
-    from udasa_lib.sample import _eos_ids, batch_seed
+    from udasa_lib.sample import batch_seed
 
-    eos_ids = _eos_ids(model, tokenizer)
     records: list[dict] = []
-    batches = range(0, len(formatted_prompts), batch_size)
+    batches = range(0, len(prompt_ids), batch_size)
     for index, start in enumerate(tqdm(batches, desc=desc or "generate", leave=False)):
-        chunk = list(formatted_prompts[start:start + batch_size])
-        encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else \
-            {"do_sample": False}
-        torch.manual_seed(batch_seed(seed, desc, index))
-        with torch.inference_mode():
-            out = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 **sampling)
-        for row in out[:, encoded["input_ids"].shape[1]:].tolist():
-            end = next((t + 1 for t, tok in enumerate(row) if tok in eos_ids), None)
-            ids = row[: end if end is not None else len(row)]
-            records.append({"text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "token_ids": ids,
-                            "finish_reason": "eos" if end is not None else "length"})
+        records += generation.generate(model, tokenizer, prompt_ids[start:start + batch_size],
+                                       max_new_tokens=max_new_tokens, temperature=temperature,
+                                       seed=batch_seed(seed, desc, index))
     return records
 
 
-def sequence_logprobs(model, tokenizer, formatted_prompts: Sequence[str], completions: Sequence[Sequence[int]],
+def sequence_logprobs(model, tokenizer, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                       batch_size: int = 16) -> np.ndarray:
-    """log pi(y|x) summed over the completion tokens, teacher-forced; shape [n].
-    Prompt and completion ids are concatenated (not re-tokenised as one string), so the
-    completion scored is exactly the one generated."""
-    import torch
-
-    totals: list[float] = []
-    for start in range(0, len(completions), batch_size):
-        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in formatted_prompts[start:start + batch_size]]
-        rows = [list(p) + list(c) for p, c in zip(prompt_ids, completions[start:start + batch_size])]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        target = torch.zeros_like(ids, dtype=torch.bool)
-        for i, (row, p) in enumerate(zip(rows, prompt_ids)):
-            ids[i, :len(row)] = torch.tensor(row)
-            mask[i, :len(row)] = 1
-            target[i, len(p):len(row)] = True
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1).to(model.device))
-        totals.extend((logp.squeeze(-1).cpu() * target[:, 1:]).sum(dim=1).tolist())
-    return np.asarray(totals, dtype=np.float64)
+    """log pi(y|x) summed over the completion tokens, teacher-forced on the ids (shape [n])."""
+    per_token = generation.completion_logprobs(model, tokenizer, prompt_ids, completions, batch_size)
+    return np.asarray([sum(row) for row in per_token], dtype=np.float64)
 
 
 def metric_row(task: str, method: str, metric: str, values: Sequence[float], stage: str, n_boot: int,

@@ -177,3 +177,14 @@ def seed_spread(summary: pd.DataFrame) -> pd.DataFrame:
     grouped = summary.groupby(["task", "method", "metric"], sort=False)["value"]
     out = grouped.agg(mean="mean", sd="std", low="min", high="max", seeds="count").reset_index()
     return out.round({"mean": 4, "sd": 4, "low": 4, "high": 4})
+
+
+def cut_table(stage_summary: dict) -> pd.DataFrame:
+    """Per task: responses and pairs cut at max_new_tokens (03_stage summary, combined pair set).
+    A cut response is trained without an EOS; `stage.truncated` decides whether it may enter a pair."""
+    cut = stage_summary["combined"].get("cut", {})
+    return pd.DataFrame([{"task": task, "stage.truncated": c["policy"], "responses": c["responses"],
+                          "cut": c["responses_cut"], "cut share": c["responses_cut_share"], "pairs": c["pairs"],
+                          "chosen cut": c["pairs_chosen_cut"], "rejected cut": c["pairs_rejected_cut"],
+                          "pairs dropped (truncated)": stage_summary["combined"]["dropped"].get("truncated", 0)}
+                         for task, c in cut.items()])

@@ -1,13 +1,15 @@
 """Stage 01: sample K responses per prompt, with the policy's token log-probs (UDASA step 1).
 
-Prompts are generated in batches of `sample.batch_prompts`, each expanded to K sequences by
-`num_return_sequences`, left-padded. Every batch has its own seed derived from (seed, task,
+Prompts are generated in batches of `sample.batch_prompts`, each repeated K times, left-padded,
+through `generation.generate`; each record keeps the prompt's ids exactly as fed and each
+response's ids exactly as generated, which are what 04_train trains on. Every batch has its own seed derived from (seed, task,
 batch index) and is written as a shard the moment it finishes, so an interrupted run resumes
 at the first missing batch and ends with exactly the file an uninterrupted run writes.
 
 Log-probs are those of the *untempered* policy (log-softmax of the raw logits), since
 likelihood-weighted semantic entropy, token NLL and KL(pi || pi_ref) all need log pi(y|x),
-not the sampling distribution. The EOS token, when produced, is part of the response.
+not the sampling distribution. The EOS token, when produced, is part of the response; a response
+cut at max_new_tokens has none (finish_reason "length").
 Under `accelerate launch` (runtime.num_processes > 1) rank r takes batches b with b % world == r.
 """
 from __future__ import annotations
@@ -21,10 +23,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from udasa_lib import generation
 from udasa_lib.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 
 PROMPT_SCHEMA = {"id": str, "text": str}
-SAMPLE_SCHEMA = {"prompt_id": str, "task": str, "prompt": str, "formatted_prompt": str, "responses": list}
+SAMPLE_SCHEMA = {"prompt_id": str, "task": str, "prompt": str, "formatted_prompt": str, "prompt_token_ids": list,
+                 "responses": list}
 RESPONSE_SCHEMA = {"sample_id": str, "text": str, "token_ids": list, "token_logprobs": list, "finish_reason": str}
 SAMPLES_FILE = "samples.jsonl"
 
@@ -45,63 +49,25 @@ def select_prompts(data_dir: Path, sources: dict[str, int]) -> list[dict]:
     return prompts
 
 
-def format_prompt(tokenizer, text: str, chat_template: bool) -> str:
-    if chat_template and tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-    return text
-
-
 def generate_batch(
-    model, tokenizer, formatted_prompts: Sequence[str], *, k: int, temperature: float, top_p: float, top_k: int,
+    model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, k: int, temperature: float, top_p: float, top_k: int,
     max_new_tokens: int, seed: int,
 ) -> list[list[dict[str, Any]]]:
-    """Sample k continuations of each prompt; returns, per prompt, k dicts of text, ids and log-probs.
-
-    Shapes: input [B, L] -> sequences [B*k, L+T], logits: T tensors of [B*k, V];
-    token_logprobs[i][t] = log softmax(logits_t)[i, y_t] for t up to and including the first EOS.
-    """
-    import torch
-
-    encoded = tokenizer(list(formatted_prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-    encoded = encoded.to(model.device)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-    with torch.inference_mode():
-        out = model.generate(
-            **encoded, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
-            max_new_tokens=max_new_tokens, num_return_sequences=k, return_dict_in_generate=True,
-            output_logits=True, pad_token_id=tokenizer.pad_token_id,
-        )
-        generated = out.sequences[:, encoded["input_ids"].shape[1]:]
-        logits = torch.stack(out.logits, dim=1).float()  # [B*k, T, V]
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
-    eos_ids = _eos_ids(model, tokenizer)
-    results: list[list[dict[str, Any]]] = [[] for _ in formatted_prompts]
-    for row in range(generated.shape[0]):
-        ids = generated[row].tolist()
-        end = next((t + 1 for t, tok in enumerate(ids) if tok in eos_ids), None)
-        finish = "eos" if end is not None else "length"
-        ids = ids[: end if end is not None else len(ids)]
-        results[row // k].append(
-            {
-                "text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                "token_ids": ids,
-                "token_logprobs": [round(v, 6) for v in logprobs[row, : len(ids)].tolist()],
-                "finish_reason": finish,
-            }
-        )
-    return results
+    """Sample k continuations of each prompt (ids from `generation.encode_prompt`); returns, per
+    prompt, k dicts of text, token_ids, token_logprobs and finish_reason (`generation.generate`)."""
+    rows = generation.generate(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, num_return_sequences=k, seed=seed, with_logprobs=True)
+    return [rows[i * k:(i + 1) * k] for i in range(len(prompt_ids))]
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
+def sample_record(prompt_id: str, task: str, prompt: str, formatted_prompt: str, prompt_ids: Sequence[int],
+                  responses: list[dict], sample_id_prefix: str, meta: dict | None = None) -> dict:
+    """One samples.jsonl record (SAMPLE_SCHEMA): the prompt as text and as the ids it was fed as,
+    its responses numbered `<prefix>-s<j>`. 01_sample and the on-policy rounds both build them here."""
+    for j, response in enumerate(responses):
+        response["sample_id"] = f"{sample_id_prefix}-s{j}"
+    return {"prompt_id": prompt_id, "task": task, "prompt": prompt, "formatted_prompt": formatted_prompt,
+            "prompt_token_ids": list(prompt_ids), "responses": responses, "meta": dict(meta or {})}
 
 
 def _shard_path(stage_dir: Path, task: str, batch_index: int) -> Path:
@@ -121,19 +87,16 @@ def sample_task(stage, task: str, model, tokenizer, rank: int = 0, world: int = 
     tokens, started = 0, time.time()
     for b in tqdm(todo, desc=f"sampling {task}", disable=not progress, initial=len(mine) - len(todo), total=len(mine)):
         batch = batches[b]
-        formatted = [format_prompt(tokenizer, p["text"], task_cfg.chat_template) for p in batch]
+        formatted = [generation.format_prompt(tokenizer, p["text"], task_cfg.chat_template) for p in batch]
+        prompt_ids = [generation.encode_prompt(tokenizer, text) for text in formatted]
         generations = generate_batch(
-            model, tokenizer, formatted, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            model, tokenizer, prompt_ids, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             max_new_tokens=task_cfg.max_new_tokens, seed=batch_seed(stage.config.seed, task, b),
         )
-        records = []
-        for prompt, text, responses in zip(batch, formatted, generations):
-            for j, response in enumerate(responses):
-                response["sample_id"] = f"{prompt['id']}-s{j}"
-                tokens += len(response["token_ids"])
-            extra = {key: value for key, value in prompt.items() if key not in ("id", "text")}
-            records.append({"prompt_id": prompt["id"], "task": task, "prompt": prompt["text"],
-                            "formatted_prompt": text, "responses": responses, "meta": extra})
+        records = [sample_record(p["id"], task, p["text"], text, ids, responses, p["id"],
+                                 {key: value for key, value in p.items() if key not in ("id", "text")})
+                   for p, text, ids, responses in zip(batch, formatted, prompt_ids, generations)]
+        tokens += sum(len(r["token_ids"]) for responses in generations for r in responses)
         atomic_write_jsonl(_shard_path(stage.dir, task, b), records)
     return {"batches": len(batches), "generated_batches": len(todo), "tokens": tokens, "seconds": time.time() - started}
 

@@ -158,17 +158,19 @@ def judge_text(tokenizer, principle: str, prompt: str, response: str) -> str:
 
 
 def p_yes(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
-    """P(Yes) / (P(Yes) + P(No)) from the next-token distribution after each text. Shape [N]."""
+    """P(Yes) / (P(Yes) + P(No)) from the next-token distribution after each text. Shape [N].
+    Batches are left-padded with position ids (`generation.forward_left_padded`), so a text gets
+    the same P(Yes) in any batch, also from a judge with learned absolute positions."""
     import torch
 
+    from udasa_lib.generation import encode_prompt, forward_left_padded, pad_id_of
+
     yes_ids, no_ids = yes_no_token_ids(tokenizer)
-    tokenizer.padding_side = "left"  # the last position must be the real last token of every row
+    rows = [encode_prompt(tokenizer, text) for text in texts]
     out = []
-    for i in range(0, len(texts), batch_size):
-        encoded = tokenizer(list(texts[i: i + batch_size]), return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(model.device)
+    for i in range(0, len(rows), batch_size):
         with torch.inference_mode():
-            logits = model(**encoded).logits[:, -1].float()
+            logits = forward_left_padded(model, rows[i: i + batch_size], pad_id_of(tokenizer)).logits[:, -1].float()
         probs = torch.softmax(logits, dim=-1)
         yes, no = probs[:, yes_ids].sum(-1), probs[:, no_ids].sum(-1)
         out.append((yes / (yes + no).clamp_min(1e-12)).cpu().numpy())

@@ -8,6 +8,7 @@ category), a 2-D projection, and the two plots. Notebooks compare base vs. tuned
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -20,9 +21,10 @@ def _device_of(model):
     return next(model.parameters()).device
 
 
-def response_hidden_states(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 8,
-                           max_length: int = 256, layers: list[int] | None = None) -> dict:
-    """Hidden states of the response tokens under teacher forcing.
+def response_hidden_states(model, tokenizer, prompts: list[list[int]], responses: list[list[int]],
+                           batch_size: int = 8, max_length: int = 256, layers: list[int] | None = None) -> dict:
+    """Hidden states of the response tokens under teacher forcing, on the ids as generated
+    (prompt ids as fed, response ids as sampled: nothing is re-tokenised).
 
     Returns token_ids [N] int64, example_index [N] int64 and layers [len(layers) or L+1, N, H]
     float32 (index 0 is the embedding output; `layers` indexes that L+1 tuple). Over-long pairs
@@ -32,12 +34,9 @@ def response_hidden_states(model, tokenizer, prompts: list[str], responses: list
 
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    # Prompts are already chat-formatted, so no extra BOS; tokenising the two parts separately
-    # makes the response boundary exact instead of guessed from offsets.
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
-    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else []
     pairs = []
-    for p, r in zip(prompt_ids, response_ids):
+    for p, r in zip(prompts, responses):
+        p, r = list(p), list(r)
         n_r = min(len(r), max(max_length - len(p), max_length // 2))
         n_p = min(len(p), max_length - n_r)
         pairs.append((p[len(p) - n_p:], r[:n_r]))
@@ -79,31 +78,65 @@ def response_hidden_states(model, tokenizer, prompts: list[str], responses: list
     }
 
 
-def _drop_singletons(labels: np.ndarray) -> np.ndarray:
-    values, counts = np.unique(labels, return_counts=True)
-    return np.isin(labels, values[counts >= 2])
+def content_ids(record: dict) -> list[int]:
+    """A generation record's response ids without the EOS that ended it: EOS is not content, and
+    as the last token it cannot change the hidden states before it."""
+    ids = list(record["token_ids"])
+    return ids[:-1] if record["finish_reason"] == "eos" and ids else ids
 
 
-def token_subsample(labels: np.ndarray, max_points: int, seed: int) -> np.ndarray:
-    """Sorted indices of at most max_points tokens whose label has 2+ members, stratified by label
-    when possible; the same for every layer, and for the last layer's interval."""
-    from sklearn.model_selection import train_test_split
+@dataclass(frozen=True)
+class Subsample:
+    """Which tokens a silhouette is computed on: `indices` (sorted) and how many labels they cover."""
+    indices: np.ndarray
+    labels_kept: int
+    labels_eligible: int  # labels with 2+ tokens before the budget
+    whole: bool  # every kept label kept all of its tokens
 
+    def describe(self) -> str:
+        how = "whole labels" if self.whole else "labels, each with 2+ of its tokens"
+        return (f"{len(self.indices)} tokens of {self.labels_kept} {how} "
+                f"({self.labels_eligible} labels had 2+ tokens)")
+
+
+def token_subsample(labels: np.ndarray, max_points: int, seed: int) -> Subsample:
+    """At most max_points tokens covering as many labels as the budget allows, each kept label with
+    at least 2 tokens (a single token has no within-cluster distance: sklearn would score it 0).
+
+    Every label with 2+ tokens is kept whole when they fit. Otherwise the largest
+    min(#labels, max_points // 2) labels are kept (equal sizes in a seeded order), each gets 2
+    tokens and the rest of the budget is shared in proportion to their remaining tokens
+    (a stratified, seeded draw within each label). The same subsample serves every layer and the
+    last layer's interval. Raises ValueError when fewer than 2 labels can be kept."""
     labels = np.asarray(labels)
-    # A label with one member has no within-cluster distance; sklearn would score it 0 and bias the mean.
-    keep = np.flatnonzero(_drop_singletons(labels))
-    if len(keep) > max_points:
-        try:  # stratified keeps rare labels represented; impossible when labels outnumber the budget
-            keep, _ = train_test_split(keep, train_size=max_points, stratify=labels[keep], random_state=seed)
-        except ValueError:
-            keep = np.random.default_rng(seed).choice(keep, size=max_points, replace=False)
-        keep = np.sort(keep)
-        keep = keep[_drop_singletons(labels[keep])]
-    n_labels = len(np.unique(labels[keep]))
+    values, counts = np.unique(labels, return_counts=True)
+    rng = np.random.default_rng(seed)
+    eligible = [(int(c), v) for v, c in zip(values, counts) if c >= 2]
+    n_labels = min(len(eligible), max_points // 2)
     if n_labels < 2:
-        raise ValueError(f"silhouette needs at least 2 labels with 2+ members each; {n_labels} remain "
-                         f"after dropping single-member labels (from {len(np.unique(labels))} labels)")
-    return keep
+        raise ValueError(f"silhouette needs at least 2 labels with 2+ tokens within max_points={max_points}; "
+                         f"{n_labels} fit ({len(eligible)} of {len(values)} labels have 2+ tokens)")
+    tiebreak = rng.permutation(len(eligible))
+    ranked = [label for label, _ in sorted(zip(eligible, tiebreak), key=lambda item: (-item[0][0], item[1]))]
+    kept = ranked[:n_labels]
+    total = sum(count for count, _ in kept)
+    if total <= max_points:
+        return Subsample(np.flatnonzero(np.isin(labels, [v for _, v in kept])), n_labels, len(eligible), True)
+    spare, capacity = max_points - 2 * n_labels, total - 2 * n_labels
+    indices = []
+    for count, value in kept:
+        members = np.flatnonzero(labels == value)
+        take = min(count, 2 + (spare * (count - 2)) // capacity if capacity else 2)
+        indices.append(np.sort(rng.choice(members, size=take, replace=False)))
+    return Subsample(np.sort(np.concatenate(indices)), n_labels, len(eligible), False)
+
+
+def describe_subsample(labels: np.ndarray, max_points: int, seed: int) -> str:
+    """What `token_subsample` keeps, in words, or why nothing could be kept."""
+    try:
+        return token_subsample(labels, max_points, seed).describe()
+    except ValueError as error:
+        return str(error)
 
 
 def silhouette_by_layer(hidden: np.ndarray, labels: np.ndarray, metric: str = "cosine", max_points: int = 2000,
@@ -117,7 +150,7 @@ def silhouette_by_layer(hidden: np.ndarray, labels: np.ndarray, metric: str = "c
     labels = np.asarray(labels)
     if hidden.ndim != 3 or hidden.shape[1] != len(labels):
         raise ValueError(f"hidden must be [L, N, H] with N == len(labels); got {hidden.shape} and {len(labels)}")
-    keep = token_subsample(labels, max_points, seed)
+    keep = token_subsample(labels, max_points, seed).indices
     return np.array([silhouette_score(layer[keep], labels[keep], metric=metric) for layer in hidden],
                     dtype=np.float64)
 
@@ -203,7 +236,7 @@ def last_layer_ci(points: np.ndarray, labels: np.ndarray, examples: np.ndarray, 
     at distance 0 and inflate the score, so the per-token values are computed once and resampled."""
     from sklearn.metrics import silhouette_samples
 
-    rows = token_subsample(labels, max_points, seed)  # the tokens silhouette_by_layer scores
+    rows = token_subsample(labels, max_points, seed).indices  # the tokens silhouette_by_layer scores
     rng = np.random.default_rng(seed)
     per_token = silhouette_samples(points[rows], labels[rows], metric="cosine")
     groups, group_of = np.unique(examples[rows], return_inverse=True)

@@ -18,11 +18,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from udasa_lib.generation import FINISH_EOS
 from udasa_lib.score import DIMENSIONS
 
 STAGE_NAMES = ("conservative", "moderate", "exploratory")
 PAIRS_FILE = "pairs.jsonl"
 PAIR_SCHEMA = {"pair_id": str, "task": str, "prompt": str, "formatted_prompt": str, "chosen": str, "rejected": str,
+               "prompt_token_ids": list, "chosen_token_ids": list, "rejected_token_ids": list,
+               "chosen_finish_reason": str, "rejected_finish_reason": str,
                "delta_u": float, "stage": str, "uncertainty_chosen": float, "pair_uncertainty": float}
 
 
@@ -50,12 +53,17 @@ def combine(dimension_scores: Mapping[str, Sequence[float]], weights: Mapping[st
     return sum(w[d] * normalised[d] for d in DIMENSIONS), normalised
 
 
-def pick_pair(u: np.ndarray, strategy: str, rng: random.Random) -> tuple[int, int]:
-    """(chosen, rejected) indices; ties in u break towards the lower index, so results are stable."""
-    order = sorted(range(len(u)), key=lambda i: (u[i], i))
+def pick_pair(u: np.ndarray, strategy: str, rng: random.Random,
+              eligible: Sequence[int] | None = None) -> tuple[int, int]:
+    """(chosen, rejected) indices among `eligible` (default: all, at least two); ties in u break
+    towards the lower index, so results are stable."""
+    candidates = list(range(len(u))) if eligible is None else list(eligible)
+    if len(candidates) < 2:
+        raise ValueError(f"a pair needs two candidate responses, got {len(candidates)}")
+    order = sorted(candidates, key=lambda i: (u[i], i))
     chosen = order[0]
     if strategy == "max":
-        rejected = max(range(len(u)), key=lambda i: (u[i], -i))
+        rejected = max(candidates, key=lambda i: (u[i], -i))
     elif strategy == "second":
         rejected = order[1]
     elif strategy == "random":
@@ -83,12 +91,25 @@ def assign_stages(delta_u: Sequence[float], cut_points: Sequence[float] = ()) ->
     return stages
 
 
+def is_cut(response: dict) -> bool:
+    """The response ended at max_new_tokens, not with an EOS."""
+    return response["finish_reason"] != FINISH_EOS
+
+
 def build_pairs(samples: list[dict], scores: list[dict], weights: Mapping[str, float], strategy: str,
-                epsilon: float, cut_points: Sequence[float], seed: int) -> tuple[list[dict], dict]:
-    """Pairs of every task with their stage, plus a count of what was dropped and why."""
+                epsilon: float, cut_points: Sequence[float], seed: int,
+                truncated: Mapping[str, str] | None = None) -> tuple[list[dict], dict]:
+    """Pairs of every task with their stage, plus a count of what was dropped and why.
+
+    `truncated` maps task -> keep | drop (default keep): with drop, a response cut at max_new_tokens
+    can be neither chosen nor rejected, and a prompt with fewer than two finished responses gives no
+    pair. u is still normalised over all K responses, so the scores do not depend on the knob.
+    Each pair carries the prompt's and both responses' token ids as sampled: what 04_train trains on.
+    """
     by_id = {s["prompt_id"]: s for s in scores}
     rng = random.Random(seed)
-    pairs, dropped = [], {"tie": 0, "identical_text": 0}
+    truncated = dict(truncated or {})
+    pairs, dropped = [], {"tie": 0, "identical_text": 0, "truncated": 0}
     for record in samples:
         score = by_id.get(record["prompt_id"])
         if score is None:
@@ -97,9 +118,16 @@ def build_pairs(samples: list[dict], scores: list[dict], weights: Mapping[str, f
             raise ValueError(f"prompt {record['prompt_id']}: scores were computed for other samples")
         raw = {d: score[d]["u"] for d in DIMENSIONS}
         u, normalised = combine(raw, weights)
-        chosen, rejected = pick_pair(u, strategy, rng)
+        responses = record["responses"]
+        eligible = None
+        if truncated.get(record["task"], "keep") == "drop":
+            eligible = [j for j, r in enumerate(responses) if not is_cut(r)]
+            if len(eligible) < 2:
+                dropped["truncated"] += 1
+                continue
+        chosen, rejected = pick_pair(u, strategy, rng, eligible)
         delta = float(u[rejected] - u[chosen])
-        texts = [r["text"] for r in record["responses"]]
+        texts = [r["text"] for r in responses]
         if delta < epsilon:
             dropped["tie"] += 1
             continue
@@ -110,8 +138,13 @@ def build_pairs(samples: list[dict], scores: list[dict], weights: Mapping[str, f
             "pair_id": f"{record['prompt_id']}-pair", "prompt_id": record["prompt_id"], "task": record["task"],
             "prompt": record["prompt"], "formatted_prompt": record["formatted_prompt"],
             "chosen": texts[chosen], "rejected": texts[rejected],
-            "chosen_sample_id": record["responses"][chosen]["sample_id"],
-            "rejected_sample_id": record["responses"][rejected]["sample_id"],
+            "chosen_sample_id": responses[chosen]["sample_id"],
+            "rejected_sample_id": responses[rejected]["sample_id"],
+            "prompt_token_ids": record["prompt_token_ids"],
+            "chosen_token_ids": responses[chosen]["token_ids"],
+            "rejected_token_ids": responses[rejected]["token_ids"],
+            "chosen_finish_reason": responses[chosen]["finish_reason"],
+            "rejected_finish_reason": responses[rejected]["finish_reason"],
             "u_chosen": float(u[chosen]), "u_rejected": float(u[rejected]), "delta_u": delta,
             # UAL's per-sample uncertainty: of the chosen response for SFT; of the preference
             # itself for DPO, where a small gap is an uncertain preference.
@@ -128,6 +161,25 @@ def build_pairs(samples: list[dict], scores: list[dict], weights: Mapping[str, f
         for pair, name in zip(members, assign_stages([p["delta_u"] for p in members], cut_points)):
             pair["stage"] = name
     return pairs, dropped
+
+
+def cut_counts(samples: list[dict], pairs: list[dict], truncated: Mapping[str, str]) -> dict[str, dict]:
+    """Per task: how many sampled responses and how many pairs' responses were cut at max_new_tokens."""
+    out = {}
+    for task in sorted({r["task"] for r in samples}):
+        responses = [r for record in samples if record["task"] == task for r in record["responses"]]
+        mine = [p for p in pairs if p["task"] == task]
+        chosen_cut = sum(p["chosen_finish_reason"] != FINISH_EOS for p in mine)
+        rejected_cut = sum(p["rejected_finish_reason"] != FINISH_EOS for p in mine)
+        out[task] = {
+            "policy": truncated.get(task, "keep"),
+            "responses": len(responses), "responses_cut": sum(is_cut(r) for r in responses),
+            "responses_cut_share": round(sum(is_cut(r) for r in responses) / max(1, len(responses)), 3),
+            "pairs": len(mine), "pairs_chosen_cut": chosen_cut, "pairs_rejected_cut": rejected_cut,
+            "pairs_any_cut": sum(p["chosen_finish_reason"] != FINISH_EOS or p["rejected_finish_reason"] != FINISH_EOS
+                                 for p in mine),
+        }
+    return out
 
 
 def ablation_weights(dimension: str) -> dict[str, float]:
@@ -165,11 +217,12 @@ def run_staging(stage) -> dict:
     summary = {}
     for name, weights in pair_sets.items():
         pairs, dropped = build_pairs(samples, scores, weights, cfg.rejected_strategy, cfg.tie_epsilon,
-                                     cfg.cut_points, stage.config.seed)
+                                     cfg.cut_points, stage.config.seed, cfg.truncated)
         atomic_write_jsonl(stage.dir / (PAIRS_FILE if name == "combined" else f"pairs_{name}.jsonl"), pairs)
         counts = {f"{task}/{s}": sum(1 for p in pairs if p["task"] == task and p["stage"] == s)
                   for task in sorted({r["task"] for r in samples}) for s in STAGE_NAMES}
-        summary[name] = {"pairs": len(pairs), "dropped": dropped, "stage_sizes": counts}
+        summary[name] = {"pairs": len(pairs), "dropped": dropped, "stage_sizes": counts,
+                         "cut": cut_counts(samples, pairs, cfg.truncated)}
     atomic_write_jsonl(stage.dir / "responses.jsonl", response_table(samples, scores, cfg.weights))
     atomic_write_json(stage.dir / "summary.json", summary)
     stage.add_to_manifest(pair_sets=summary)

@@ -40,6 +40,8 @@ PHASE_DONE = "phase.json"
 CURVES_FILE = "curves.csv"
 TRAIN_LOG = "train_log.json"
 EPSILON_KEY = "ual_epsilon"
+# trl's tokenised record columns per objective: what training_records builds from the sampled ids
+TOKEN_COLUMNS = {"dpo": {"prompt_ids", "chosen_ids", "rejected_ids"}, "sft": {"input_ids", "completion_mask"}}
 WEIGHT_KEY = "sample_weight"
 
 
@@ -186,6 +188,13 @@ def _make_trainer_classes():
                 self.model.delete_adapter("ref")
                 self.model.set_adapter("default")
 
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            """Token-exact pairs pass through untouched: trl's text path would re-tokenise prompt +
+            completion as one string and append an EOS to every completion, cut ones included."""
+            if TOKEN_COLUMNS["dpo"] <= set(dataset.column_names):
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
         def _compute_loss(self, model, inputs, return_outputs):
             import torch
 
@@ -250,9 +259,10 @@ def _make_trainer_classes():
 # --- data ---------------------------------------------------------------------------------------
 
 def load_pairs(stage_03: Path, pair_set: str, task: str) -> list[dict]:
+    from udasa_lib.stage import PAIR_SCHEMA
+
     path = stage_03 / PAIRS_FILES[pair_set]
-    schema = {"task": str, "stage": str, "pair_id": str, "formatted_prompt": str, "chosen": str, "rejected": str,
-              "uncertainty_chosen": (int, float), "pair_uncertainty": (int, float)}
+    schema = {key: (int, float) if kind is float else kind for key, kind in PAIR_SCHEMA.items()}
     return [r for r in read_jsonl(path, schema) if r["task"] == task]
 
 
@@ -261,18 +271,55 @@ def phase_rows(rows: list[dict], phase: str) -> list[dict]:
 
 
 def training_records(rows: list[dict], spec: MethodSpec, epsilons: dict[str, float] | None) -> list[dict]:
-    """Rows as trl expects them (plain-text prompt already formatted as at sampling time)."""
+    """Pairs as trl's tokenised records, built from the ids that were sampled (never from text):
+    DPO {prompt_ids, chosen_ids, rejected_ids}, the form trl's DPO collator reads; SFT {input_ids,
+    completion_mask} = prompt + chosen ids with the chosen part marked, trl's pre-tokenised form.
+    A completion keeps its EOS only if it was generated (cut responses end without one)."""
     records = []
     for row in rows:
-        record = {"prompt": row["formatted_prompt"]}
+        prompt = list(row["prompt_token_ids"])
         if spec.objective == "sft":
-            record["completion"] = row["chosen"]
+            chosen = list(row["chosen_token_ids"])
+            record = {"input_ids": prompt + chosen, "completion_mask": [0] * len(prompt) + [1] * len(chosen)}
         else:
-            record["chosen"], record["rejected"] = row["chosen"], row["rejected"]
+            record = {"prompt_ids": prompt, "chosen_ids": list(row["chosen_token_ids"]),
+                      "rejected_ids": list(row["rejected_token_ids"])}
         if epsilons is not None:
             record[EPSILON_KEY] = epsilons[row["pair_id"]]
         records.append(record)
     return records
+
+
+def length_report(records: list[dict], max_length: int) -> dict[str, int]:
+    """How many records trl's keep_start truncation to max_length touches: `prompt_fills` have no
+    completion token left (dropped before training), `completion_cut` lose a completion's tail."""
+    def lengths(record):
+        if "input_ids" in record:
+            prompt = record["completion_mask"].index(1) if 1 in record["completion_mask"] else len(record["input_ids"])
+            return prompt, [len(record["input_ids"]) - prompt]
+        return len(record["prompt_ids"]), [len(record["chosen_ids"]), len(record["rejected_ids"])]
+
+    fills = cut = 0
+    for record in records:
+        prompt, completions = lengths(record)
+        if prompt >= max_length:
+            fills += 1
+        elif any(prompt + c > max_length for c in completions):
+            cut += 1
+    return {"prompt_fills": fills, "completion_cut": cut}
+
+
+def fit_to_length(records: list[dict], max_length: int, label: str) -> tuple[list[dict], dict[str, int]]:
+    """Drop records whose prompt alone fills max_length (no completion token would be trained) and
+    warn about them and about completions trl will cut; returns (kept records, counts)."""
+    import warnings
+
+    counts = length_report(records, max_length)
+    if counts["prompt_fills"] or counts["completion_cut"]:
+        warnings.warn(f"{label}: train.max_length={max_length}: {counts['prompt_fills']} pair(s) dropped (prompt fills "
+                      f"it), {counts['completion_cut']} with a completion cut to fit", stacklevel=2)
+    kept = [r for r in records if length_report([r], max_length)["prompt_fills"] == 0]
+    return kept, counts
 
 
 def smoothing_for(rows: list[dict], spec: MethodSpec, ual) -> dict[str, float] | None:
@@ -300,22 +347,18 @@ def resample_phase(stage, model, tokenizer, rows: list[dict], spec: MethodSpec, 
     task_cfg = cfg.sample.tasks[task]
     started = time.time()
     model.eval()
-    tokenizer.padding_side = "left"  # generation appends on the right
     records = []
     try:
         for start in range(0, len(rows), cfg.sample.batch_prompts):
             batch = rows[start: start + cfg.sample.batch_prompts]
             generations = sample.generate_batch(
-                model, tokenizer, [r["formatted_prompt"] for r in batch], k=cfg.sample.k,
+                model, tokenizer, [r["prompt_token_ids"] for r in batch], k=cfg.sample.k,
                 temperature=cfg.sample.temperature, top_p=cfg.sample.top_p, top_k=cfg.sample.top_k,
                 max_new_tokens=task_cfg.max_new_tokens, seed=sample.batch_seed(cfg.train.seed + 1000 * index, task, start))
-            for row, responses in zip(batch, generations):
-                for j, response in enumerate(responses):
-                    response["sample_id"] = f"{row['prompt_id']}-round{index}-s{j}"
-                records.append({"prompt_id": row["prompt_id"], "task": task, "prompt": row["prompt"],
-                                "formatted_prompt": row["formatted_prompt"], "responses": responses})
+            records += [sample.sample_record(row["prompt_id"], task, row["prompt"], row["formatted_prompt"],
+                                             row["prompt_token_ids"], responses, f"{row['prompt_id']}-round{index}")
+                        for row, responses in zip(batch, generations)]
     finally:
-        tokenizer.padding_side = "right"
         model.train()
     scorers = cfg.score.value.scorers
     probe = HarmProbe.load(stage.upstream["00_data"] / score.HARM_PROBE_FILE) if "harm_probe" in scorers.values() else None
@@ -323,7 +366,7 @@ def resample_phase(stage, model, tokenizer, rows: list[dict], spec: MethodSpec, 
                                     score.load_principles(cfg.score.value.principles), probe, progress=False)
     weights = cfg.stage.weights if spec.pair_set == "combined" else staging.ablation_weights(spec.pair_set)
     pairs, dropped = staging.build_pairs(records, scored, weights, cfg.stage.rejected_strategy, cfg.stage.tie_epsilon,
-                                         (), cfg.train.seed)
+                                         (), cfg.train.seed, cfg.stage.truncated)
     for pair in pairs:
         pair["stage"] = phase
     return pairs, {"prompts": len(records), "pairs": len(pairs), "dropped": dropped,
@@ -358,6 +401,17 @@ def _trainer_args(cfg, phase: str, output_dir: Path, objective: str, device: str
     if objective == "sft":
         return SFTConfig(**common, completion_only_loss=True)
     return DPOConfig(**common, beta=tc.beta[phase], loss_type=["sigmoid"])
+
+
+def build_trainer(model, tokenizer, records: list[dict], args, spec: MethodSpec, reference: str = "initial"):
+    """The trl trainer of one stage on `training_records` output (token ids as sampled)."""
+    from datasets import Dataset
+
+    UALDPOTrainer, UALSFTTrainer = _make_trainer_classes()
+    dataset = Dataset.from_list(records)
+    if spec.objective == "sft":
+        return UALSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return UALDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, reference=reference)
 
 
 def _new_adapter(model, cfg):
@@ -404,7 +458,6 @@ def train_variant(stage, is_main_process: bool = True, world_size: int = 1) -> d
     rows = load_pairs(stage.upstream["03_stage"], spec.pair_set, task)
     phases = spec.phases(cfg.stage.order)
     epsilons = smoothing_for(rows, spec, cfg.train.ual)
-    UALDPOTrainer, UALSFTTrainer = _make_trainer_classes()
 
     device = resolve_device(cfg.runtime.device)
     bf16 = resolve_dtype(cfg.model.dtype, device) == torch.bfloat16
@@ -441,17 +494,14 @@ def train_variant(stage, is_main_process: bool = True, world_size: int = 1) -> d
             if not records:
                 raise TrainingError(f"04_train {stage.variant}: the on-policy round of stage {phase!r} left zero "
                                     f"pairs (dropped: {on_policy['dropped']})")
+        records, lengths = fit_to_length(records, cfg.train.max_length, f"04_train {stage.variant} stage {phase}")
+        if not records:
+            raise TrainingError(f"04_train {stage.variant}: every pair of stage {phase!r} has a prompt of "
+                                f"train.max_length={cfg.train.max_length} tokens or more")
         set_seed(cfg.train.seed + index)
-        from datasets import Dataset
-
-        dataset = Dataset.from_list(records)
         args = _trainer_args(cfg, phase, stage.dir / "checkpoints", spec.objective, device.type, bf16)
         started = time.time()
-        if spec.objective == "sft":
-            trainer = UALSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-        else:
-            trainer = UALDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                    reference=cfg.train.reference)
+        trainer = build_trainer(model, tokenizer, records, args, spec, cfg.train.reference)
         trainer.stage_label = f"04_train {stage.variant} stage {phase}"
         reference = ("previous" if "ref" in model.peft_config else "initial") if spec.objective == "dpo" else None
         trainer.train()
@@ -459,7 +509,8 @@ def train_variant(stage, is_main_process: bool = True, world_size: int = 1) -> d
             model.delete_adapter("ref")
             model.set_adapter("default")
         phase_curves = _log_rows(trainer.state.log_history, phase)
-        phase_log = {"phase": phase, "index": index + 1, "pairs": len(records), "steps": trainer.state.global_step,
+        phase_log = {"phase": phase, "index": index + 1, "pairs": len(records), "max_length": lengths,
+                     "steps": trainer.state.global_step,
                      "epochs": cfg.train.epochs[phase], "beta": cfg.train.beta[phase] if spec.objective == "dpo" else None,
                      "reference_used": reference, "on_policy": on_policy, "seconds": round(time.time() - started, 2),
                      "pairs_per_s": round(len(records) * cfg.train.epochs[phase] / (time.time() - started), 3)}

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from udasa_lib.generation import encode_prompt, forward_left_padded, pad_id_of
 from udasa_lib.stats import bootstrap_mean_ci
 
 DEFAULT_CONFIG = "weighted_alpaca_eval_gpt4_turbo"
@@ -111,9 +112,7 @@ class LocalJudge:
             return self.tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
 
     def _encode(self, text: str) -> list[int]:
-        # A chat template already writes BOS and friends; plain text needs the tokenizer's own.
-        special = not getattr(self.tokenizer, "chat_template", None)
-        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        return encode_prompt(self.tokenizer, text)
 
     def _identifier_id(self, context: str, identifier: str) -> int:
         """Token id of `identifier` as generated right after the prompt: the token appended when
@@ -144,23 +143,13 @@ class LocalJudge:
         """(n, 2) next-token probabilities of the two identifiers, renormalised over them."""
         import torch
 
-        device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = pad_id_of(self.tokenizer)
         out = np.empty((len(prompts), 2))
         order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            width = max(len(prompts[r]) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for k, r in enumerate(rows):  # left padding keeps every prompt's last token in the last column
-                ids[k, width - len(prompts[r]) :] = torch.tensor(prompts[r])
-                mask[k, width - len(prompts[r]) :] = 1
-            # Positions restart at each prompt's first real token, so padding does not shift them.
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.no_grad():
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                    position_ids=positions.to(device), logits_to_keep=1).logits[:, -1]
+                logits = forward_left_padded(self.model, [prompts[r] for r in rows], pad, logits_to_keep=1).logits[:, -1]
             out[rows] = torch.softmax(logits[:, self.identifier_ids].double(), dim=-1).cpu().numpy()
         return out
 
