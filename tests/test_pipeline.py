@@ -54,6 +54,36 @@ def test_committed_notebooks_have_no_outputs_and_no_definitions():
             assert "\ndef " not in f"\n{source}" and "\nclass " not in f"\n{source}", spec.name
 
 
+DISPLAY_CALLS = {"display", "print", "Image", "Markdown"}
+
+
+def test_committed_notebooks_orchestrate_and_the_library_computes():
+    """House shape (00-07 alike): <= 8 code cells, ~25 code lines, loops only to display, no file
+    writes, no raise, no private names: the logic lives in the stage's module."""
+    import ast
+
+    import nbformat
+
+    for spec in pipeline.STAGES.values():
+        cells = [c.source for c in nbformat.read(spec.notebook, as_version=4).cells if c.cell_type == "code"]
+        assert len(cells) <= 8, f"{spec.name}: {len(cells)} code cells"
+        lines = [l for c in cells for l in c.splitlines() if l.strip() and not l.strip().startswith("#")]
+        assert len(lines) <= 27, f"{spec.name}: {len(lines)} code lines"
+        for source in cells:
+            tree = ast.parse(source)
+            for node in ast.walk(tree):
+                where = f"{spec.name}: {ast.unparse(node)[:60]!r}"
+                assert not isinstance(node, (ast.Raise, ast.FunctionDef, ast.ClassDef, ast.While)), where
+                if isinstance(node, ast.For):
+                    calls = {c.func.id for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+                    assert calls and calls <= DISPLAY_CALLS, f"{where}: a loop that does more than display"
+                if isinstance(node, ast.Attribute):
+                    assert not node.attr.startswith("_"), f"{where}: private name"
+                    assert node.attr not in ("write_text", "write_bytes", "savefig", "to_csv"), f"{where}: a write"
+                if isinstance(node, ast.Name):
+                    assert not node.id.startswith("atomic_") and node.id != "open", f"{where}: a write"
+
+
 def test_cli_reports_config_errors(capsys):
     assert pipeline.main(["run-dir", "--config", str(SMOKE_CONFIG), "--set", "sample.kk=1"]) == 2
     assert "unknown key 'kk'" in capsys.readouterr().err
@@ -69,6 +99,74 @@ def test_makefile_rules_match_the_stage_registry():
         assert rule is not None, f"Makefile has no rule for {spec.name}"
         deps = set(rule.split(":", 1)[1].split())
         assert set(spec.code) | set(spec.inputs) <= deps, spec.name
+
+
+RUNNER = {"udasa_lib/pipeline.py", "udasa_lib/config.py"}  # the machinery that computes keys, not stage code
+
+
+def _notebook_modules(path) -> set[str]:
+    import re
+
+    import nbformat
+
+    names = set()
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type == "code":
+            for group in re.findall(r"from udasa_lib import ([\w, ]+)", cell.source):
+                names |= {name.strip() for name in group.split(",")}
+            names |= set(re.findall(r"from udasa_lib\.(\w+) import", cell.source))
+    return names
+
+
+def test_stage_keys_cover_every_module_their_notebook_reaches():
+    """A stage's key hashes the code it runs: the notebook's udasa_lib imports, followed transitively."""
+    for spec in pipeline.STAGES.values():
+        reached = set(pipeline.module_closure(*_notebook_modules(spec.notebook))) - RUNNER
+        assert reached <= set(spec.code), f"{spec.name}: its key misses {sorted(reached - set(spec.code))}"
+
+
+def test_no_stage_module_imports_a_downstream_stage_module_and_no_cycles():
+    import ast
+
+    from udasa_lib import REPO_ROOT
+
+    package = REPO_ROOT / "udasa_lib"
+    modules = {path.stem for path in package.glob("*.py")}
+    graph = {}
+    for name in modules:
+        tree = ast.parse((package / f"{name}.py").read_text())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("udasa_lib"):
+                parts = node.module.split(".")
+                deps |= {a.name for a in node.names} if len(parts) == 1 else {parts[1]}
+        graph[name] = (deps & modules) - {name}
+    # the stage each module belongs to: the first stage whose notebook reaches it directly
+    order = list(pipeline.STAGES)
+    owner = {}
+    for index, spec in enumerate(pipeline.STAGES.values()):
+        for module in _notebook_modules(spec.notebook) - {"pipeline", "io"}:
+            owner.setdefault(module, index)
+    for module, deps in graph.items():
+        for dep in deps:
+            if module in owner and dep in owner:
+                assert owner[dep] <= owner[module], (f"{module} ({order[owner[module]]}) imports {dep} "
+                                                     f"({order[owner[dep]]}), a downstream stage")
+    # no cycles among module-level imports either (depth-first search on the whole graph)
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for dep in graph[node]:
+            if state.get(dep) == 1:
+                raise AssertionError(f"import cycle: {' -> '.join(path + [node, dep])}")
+            if dep not in state:
+                visit(dep, path + [node])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
 
 
 def test_score_and_stage_through_papermill(smoke_data):

@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from udasa_lib import REPO_ROOT, evaluate, report
+from udasa_lib import REPO_ROOT, metrics, report
 from udasa_lib import config as config_mod
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
@@ -51,7 +51,7 @@ def test_wide_table_orders_methods_and_marks_missing_cells():
         {"task": "alignment", "method": "base", **_row(48.0, 40.0, 56.0, "win_rate")},
         {"task": "sentiment", "method": "dpo", **_row(0.7, 0.6, 0.8)},
     ]
-    wide = evaluate.wide_table(table, "alignment", ["base", "dpo"])
+    wide = metrics.wide_table(table, "alignment", ["base", "dpo"])
     assert list(wide.index) == ["base", "dpo"]
     assert wide.loc["base", "win_rate"] == "48.0 [40.0, 56.0]"
     assert wide.loc["dpo", "win_rate"] == "-"

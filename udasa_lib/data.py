@@ -23,6 +23,7 @@ import yaml
 from udasa_lib import REPO_ROOT
 from udasa_lib.assets import WHEELS, package_file, assets_dir
 from udasa_lib.io import atomic_write_json, atomic_write_jsonl, read_jsonl, sha256_file
+from udasa_lib.splits import stratified_split
 
 BENIGN_FILE = REPO_ROOT / "data" / "benign_instructions.jsonl"
 BENIGN_SCHEMA = {"id": str, "category": str, "instruction": str}
@@ -104,26 +105,6 @@ def dedupe(records: Iterable[dict]) -> list[dict]:
             seen.add(key)
             kept.append(record)
     return kept
-
-
-def stratified_split(records: list[dict], by: str, test_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Shuffle within each stratum, hold out round(test_fraction * n) of each, shuffle both sides."""
-    if not 0.0 < test_fraction < 1.0:
-        raise DataError(f"test fraction must lie in (0, 1), got {test_fraction}")
-    rng = random.Random(seed)
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for record in records:
-        groups[record[by]].append(record)
-    train, test = [], []
-    for name in sorted(groups):
-        group = list(groups[name])
-        rng.shuffle(group)
-        n_test = max(1, round(test_fraction * len(group)))
-        test.extend(group[:n_test])
-        train.extend(group[n_test:])
-    rng.shuffle(train)
-    rng.shuffle(test)
-    return train, test
 
 
 def sentiment_splits(reviews: list[dict], n_train: int, n_test: int, n_classifier: int, min_words: int,
@@ -224,6 +205,8 @@ def write_splits(splits: dict[str, list[dict]], out_dir: Path) -> list[dict]:
 
 
 SENTIMENT_REWARD_FILE = "sentiment_reward.joblib"
+HARM_PROBE_FILE = "harm_probe.joblib"  # the alignment task's value scorer: it depends on data, not on samples
+HARM_PROBE_METRICS = "harm_probe_metrics.json"
 
 
 def fit_reference_models(splits: dict[str, list[dict]], cfg, out_dir: Path) -> dict:
@@ -234,7 +217,6 @@ def fit_reference_models(splits: dict[str, list[dict]], cfg, out_dir: Path) -> d
       pyrit responses, minus any example whose prompt is a held-out harmful test prompt.
     Returns the held-out metrics of both.
     """
-    from udasa_lib.score import HARM_PROBE_FILE, HARM_PROBE_METRICS
     from udasa_lib.sentiment_reward import fit_sentiment_reward
     from udasa_lib.value_probe import fit_probe, load_probe_examples
 

@@ -2,7 +2,7 @@
 
 Every stage that feeds a model a prompt, generates from it or scores a completion goes through
 here, so the ids sampled in 01_sample are the ids trained on in 04_train and scored in the
-evaluations (method.md, "What is trained on"):
+evaluations (docs/method.md, "What is trained on"):
 
 - `encode_prompt` is the only prompt tokenisation: the tokenizer's special tokens are added
   (a Llama-3 tokenizer adds BOS to raw text), and a BOS the chat template already wrote is not
@@ -22,6 +22,15 @@ from typing import Any, Sequence
 
 FINISH_EOS = "eos"
 FINISH_LENGTH = "length"
+
+
+def batch_seed(seed: int, task: str, batch_index: int) -> int:
+    """The seed of one generation batch, from (seed, task, batch index) only: a resumed or
+    re-batched run draws each batch as an uninterrupted one would."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}/{task}/{batch_index}".encode()).hexdigest()
+    return int(digest[:8], 16)
 
 
 def format_prompt(tokenizer, text: str, chat_template: bool) -> str:

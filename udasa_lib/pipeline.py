@@ -47,6 +47,28 @@ class StageSpec:
         return REPO_ROOT / "notebooks" / f"{self.name}.ipynb"
 
 
+def module_closure(*modules: str) -> tuple[str, ...]:
+    """Repo paths of the given udasa_lib modules and of every udasa_lib module they import,
+    transitively (imports inside functions included), sorted. What a stage's code key must cover."""
+    import ast
+
+    package = REPO_ROOT / "udasa_lib"
+    seen: set[str] = set()
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name in seen or not (package / f"{name}.py").exists():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((package / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("udasa_lib"):
+                parts = node.module.split(".")
+                todo += [alias.name for alias in node.names] if len(parts) == 1 else [parts[1]]
+            elif isinstance(node, ast.Import):
+                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("udasa_lib.")]
+    return tuple(sorted(f"udasa_lib/{name}.py" for name in seen))
+
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
@@ -54,8 +76,9 @@ STAGES: dict[str, StageSpec] = {
             "00_data",
             sections=("data",),
             upstream=(),
-            code=("notebooks/00_data.ipynb", "udasa_lib/data.py", "udasa_lib/truthful_mc.py",
-                  "udasa_lib/sentiment_reward.py", "udasa_lib/value_probe.py", "udasa_lib/assets.py"),
+            code=("notebooks/00_data.ipynb", "udasa_lib/assets.py", "udasa_lib/data.py", "udasa_lib/io.py",
+                  "udasa_lib/models.py", "udasa_lib/sentiment_reward.py", "udasa_lib/splits.py",
+                  "udasa_lib/truthful_mc.py", "udasa_lib/value_probe.py"),
             inputs=("data/benign_instructions.jsonl",),
             products=("*.jsonl", "*.joblib"),
         ),
@@ -63,21 +86,28 @@ STAGES: dict[str, StageSpec] = {
             "01_sample",
             sections=("seed", "model", "sample"),
             upstream=("00_data",),
-            code=("notebooks/01_sample.ipynb", "udasa_lib/generation.py", "udasa_lib/sample.py", "udasa_lib/models.py"),
+            code=("notebooks/01_sample.ipynb", "udasa_lib/generation.py", "udasa_lib/io.py",
+                  "udasa_lib/models.py", "udasa_lib/sample.py"),
         ),
         StageSpec(
             "02_score",
             sections=("seed", "model", "score"),
             upstream=("00_data", "01_sample"),
-            code=("notebooks/02_score.ipynb", "udasa_lib/generation.py", "udasa_lib/score.py"),
+            code=("notebooks/02_score.ipynb", "udasa_lib/assets.py", "udasa_lib/data.py",
+                  "udasa_lib/generation.py", "udasa_lib/io.py", "udasa_lib/models.py",
+                  "udasa_lib/sample.py", "udasa_lib/score.py", "udasa_lib/sentiment_reward.py",
+                  "udasa_lib/splits.py", "udasa_lib/truthful_mc.py", "udasa_lib/value_probe.py"),
             inputs=("configs/principles.yaml",),
         ),
         StageSpec(
             "03_stage",
             sections=("seed", "stage"),
             upstream=("00_data", "01_sample", "02_score"),
-            code=("notebooks/03_stage.ipynb", "udasa_lib/generation.py", "udasa_lib/stage.py", "udasa_lib/prelim.py",
-                  "udasa_lib/sentiment_reward.py"),
+            code=("notebooks/03_stage.ipynb", "udasa_lib/assets.py", "udasa_lib/data.py",
+                  "udasa_lib/generation.py", "udasa_lib/io.py", "udasa_lib/models.py",
+                  "udasa_lib/prelim.py", "udasa_lib/sample.py", "udasa_lib/score.py",
+                  "udasa_lib/sentiment_reward.py", "udasa_lib/splits.py", "udasa_lib/stage.py",
+                  "udasa_lib/truthful_mc.py", "udasa_lib/value_probe.py"),
         ),
         StageSpec(
             "04_train",
@@ -85,8 +115,11 @@ STAGES: dict[str, StageSpec] = {
             # (with sample and score, whose code they call)
             sections=("seed", "model", "sample", "score", "stage", "train"),
             upstream=("00_data", "01_sample", "02_score", "03_stage"),
-            code=("notebooks/04_train.ipynb", "udasa_lib/generation.py", "udasa_lib/train.py", "udasa_lib/models.py", "udasa_lib/sample.py",
-                  "udasa_lib/score.py", "udasa_lib/stage.py"),
+            code=("notebooks/04_train.ipynb", "udasa_lib/assets.py", "udasa_lib/data.py",
+                  "udasa_lib/generation.py", "udasa_lib/io.py", "udasa_lib/models.py",
+                  "udasa_lib/sample.py", "udasa_lib/score.py", "udasa_lib/sentiment_reward.py",
+                  "udasa_lib/splits.py", "udasa_lib/stage.py", "udasa_lib/train.py",
+                  "udasa_lib/truthful_mc.py", "udasa_lib/value_probe.py"),
             products=("adapters/final/*",),
             variants=("train.methods",),  # one trained policy per task/method
         ),
@@ -94,40 +127,50 @@ STAGES: dict[str, StageSpec] = {
             "05_eval_harmless",
             sections=("seed", "model", "eval_harmless", "bootstrap_samples"),
             upstream=("00_data", "04_train"),
-            code=("notebooks/05_eval_harmless.ipynb", "udasa_lib/generation.py", "udasa_lib/evaluate.py", "udasa_lib/value_probe.py",
-                  "udasa_lib/stats.py", "udasa_lib/models.py"),
+            code=("notebooks/05_eval_harmless.ipynb", "udasa_lib/assets.py", "udasa_lib/eval_harmless.py",
+                  "udasa_lib/generation.py", "udasa_lib/io.py", "udasa_lib/metrics.py",
+                  "udasa_lib/models.py", "udasa_lib/policies.py", "udasa_lib/stats.py",
+                  "udasa_lib/value_probe.py"),
             products=("generations/*.jsonl", "metrics.jsonl"),
         ),
         StageSpec(
             "05_eval_winrate",
             sections=("seed", "model", "eval_winrate", "bootstrap_samples"),
             upstream=("05_eval_harmless",),
-            code=("notebooks/05_eval_winrate.ipynb", "udasa_lib/generation.py", "udasa_lib/evaluate.py", "udasa_lib/winrate.py",
-                  "udasa_lib/stats.py", "udasa_lib/models.py"),
+            code=("notebooks/05_eval_winrate.ipynb", "udasa_lib/assets.py", "udasa_lib/eval_harmless.py",
+                  "udasa_lib/eval_winrate.py", "udasa_lib/generation.py", "udasa_lib/io.py",
+                  "udasa_lib/metrics.py", "udasa_lib/models.py", "udasa_lib/policies.py",
+                  "udasa_lib/stats.py", "udasa_lib/value_probe.py"),
             products=("metrics.jsonl", "annotations.jsonl"),
         ),
         StageSpec(
             "05_eval_lmeval",
             sections=("seed", "model", "eval_lmeval", "bootstrap_samples"),
             upstream=("00_data", "04_train"),
-            code=("notebooks/05_eval_lmeval.ipynb", "udasa_lib/generation.py", "udasa_lib/evaluate.py", "udasa_lib/lmeval.py",
-                  "udasa_lib/stats.py", "udasa_lib/lm_eval_tasks/udasa_truthful_mc.yaml"),
+            code=("notebooks/05_eval_lmeval.ipynb", "udasa_lib/eval_lmeval.py", "udasa_lib/generation.py",
+                  "udasa_lib/io.py", "udasa_lib/metrics.py", "udasa_lib/models.py",
+                  "udasa_lib/policies.py", "udasa_lib/stats.py",
+                  "udasa_lib/lm_eval_tasks/udasa_truthful_mc.yaml"),
             products=("metrics.jsonl", "lm_eval/*"),
         ),
         StageSpec(
             "05_eval_sentiment",
             sections=("seed", "model", "eval_sentiment", "bootstrap_samples"),
             upstream=("00_data", "04_train"),
-            code=("notebooks/05_eval_sentiment.ipynb", "udasa_lib/generation.py", "udasa_lib/evaluate.py", "udasa_lib/sentiment_reward.py",
-                  "udasa_lib/stats.py", "udasa_lib/models.py"),
+            code=("notebooks/05_eval_sentiment.ipynb", "udasa_lib/eval_sentiment.py",
+                  "udasa_lib/generation.py", "udasa_lib/io.py", "udasa_lib/metrics.py",
+                  "udasa_lib/models.py", "udasa_lib/policies.py", "udasa_lib/sentiment_reward.py",
+                  "udasa_lib/splits.py", "udasa_lib/stats.py"),
             products=("metrics.jsonl", "generations/*.jsonl"),
         ),
         StageSpec(
             "06_silhouette",
             sections=("seed", "model", "silhouette"),
             upstream=("04_train", "05_eval_harmless"),
-            code=("notebooks/06_silhouette.ipynb", "udasa_lib/generation.py", "udasa_lib/silhouette.py", "udasa_lib/evaluate.py",
-                  "udasa_lib/stats.py"),
+            code=("notebooks/06_silhouette.ipynb", "udasa_lib/assets.py", "udasa_lib/eval_harmless.py",
+                  "udasa_lib/generation.py", "udasa_lib/io.py", "udasa_lib/metrics.py",
+                  "udasa_lib/models.py", "udasa_lib/policies.py", "udasa_lib/silhouette.py",
+                  "udasa_lib/stats.py", "udasa_lib/value_probe.py"),
             products=("silhouette.csv",),
         ),
         StageSpec(
@@ -135,7 +178,8 @@ STAGES: dict[str, StageSpec] = {
             sections=(),  # reads the whole run: its key changes whenever any stage's products do
             upstream=("03_stage", "04_train", "05_eval_harmless", "05_eval_winrate", "05_eval_lmeval",
                       "05_eval_sentiment", "06_silhouette"),
-            code=("notebooks/07_report.ipynb", "udasa_lib/generation.py", "udasa_lib/report.py", "udasa_lib/evaluate.py"),
+            code=("notebooks/07_report.ipynb", "udasa_lib/io.py", "udasa_lib/metrics.py",
+                  "udasa_lib/report.py", "udasa_lib/stats.py"),
             inputs=("configs/inferred_choices.yaml",),
             products=("REPORT.md",),
             html=True,
@@ -312,12 +356,12 @@ def open_stage(
             if not (up_dir / MANIFEST).exists():
                 raise StageError(f"{stage}: upstream stage {label} has not finished for run {rid} (run it first)")
             upstream[label] = up_dir
-            _link(run_dir / label, up_dir)
+            link(run_dir / label, up_dir)
     _check_variant(cfg, stage, variant)
     key = stage_key(cfg, stage, variant)
     store = root / ".stages" / stage / key
     store.mkdir(parents=True, exist_ok=True)
-    _link(run_dir / stage / variant if variant else run_dir / stage, store)
+    link(run_dir / stage / variant if variant else run_dir / stage, store)
     resolved = run_dir / "config.json"
     if not resolved.exists():
         atomic_write_json(resolved, {"run_id": rid, "config_file": str(config_path), "overrides": dict(overrides or {}),
@@ -331,15 +375,16 @@ def _repo_path(path: Path | str) -> Path:
     return path if path.is_absolute() else (REPO_ROOT / path)
 
 
-def _link(link: Path, target: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    relative = os.path.relpath(target, link.parent)
-    if link.is_symlink() and os.readlink(link) == relative:
+def link(path: Path, target: Path) -> None:
+    """Point the symlink `path` at `target` (relative, swapped in atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    relative = os.path.relpath(target, path.parent)
+    if path.is_symlink() and os.readlink(path) == relative:
         return
-    tmp = link.with_name(f".{link.name}.tmp-link")
+    tmp = path.with_name(f".{path.name}.tmp-link")
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(relative, target_is_directory=True)
-    os.replace(tmp, link)
+    os.replace(tmp, path)
 
 
 def is_done(run: StageRun) -> bool:

@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from udasa_lib import REPO_ROOT
-from udasa_lib.evaluate import interval_text
+from udasa_lib.metrics import interval_text
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_RUN = "supported", "not supported", "inconclusive at this size", "not run"
 INFERRED_CHOICES_FILE = REPO_ROOT / "configs" / "inferred_choices.yaml"
@@ -36,7 +36,7 @@ class Claim:
     higher_is_better: bool
 
 
-# What the abstracts claim, each made testable on this project's metrics (method.md).
+# What the abstracts claim, each made testable on this project's metrics (docs/method.md).
 CLAIMS: tuple[Claim, ...] = (
     # harmlessness twice: compliance is judged by the harm probe, which also scored the alignment pairs'
     # value dimension; the refusal rate (GCG refusal prefixes) does not depend on the probe
@@ -188,3 +188,113 @@ def cut_table(stage_summary: dict) -> pd.DataFrame:
                           "chosen cut": c["pairs_chosen_cut"], "rejected cut": c["pairs_rejected_cut"],
                           "pairs dropped (truncated)": stage_summary["combined"]["dropped"].get("truncated", 0)}
                          for task, c in cut.items()])
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+REPORT_FILE = "REPORT.md"
+CLAIMS_FILE = "claims.csv"
+TABLE_FILE = "results_table.csv"
+FIGURE_SOURCES = {  # figure -> the upstream stage that draws it
+    "harmless.png": "05_eval_harmless", "winrate.png": "05_eval_winrate", "lmeval.png": "05_eval_lmeval",
+    "reward_kl.png": "05_eval_sentiment", "silhouette_layers.png": "06_silhouette", "projection.png": "06_silhouette",
+}
+
+
+def write_report(run) -> dict:
+    """Stage 07_report: REPORT.md (claims with computed verdicts, the method x metric tables,
+    figures, the preliminary study, seeds and sweeps when they trained on this run's pairs, pairs
+    and cut responses, stage times, inferred choices, the resolved config), claims.csv and
+    results_table.csv; links results/<run>/report to this folder.
+    Returns {"path", "claims", "wide": {task: table}, "inferred", "times"}."""
+    import shutil
+
+    from udasa_lib import metrics, pipeline
+    from udasa_lib.io import atomic_write_text
+
+    run_dir = run.run_dir
+    resolved = json.loads((run_dir / "config.json").read_text())
+    silhouette_ci = pd.read_csv(run.upstream["06_silhouette"] / "silhouette_ci.csv")
+    table = pd.concat([metrics.results_table(run_dir), silhouette_rows(silhouette_ci)], ignore_index=True)
+    prelim = json.loads((run.upstream["03_stage"] / "prelim.json").read_text())
+    stage_summary = json.loads((run.upstream["03_stage"] / "summary.json").read_text())
+    methods = ["base", *dict.fromkeys(v.split("/")[1] for v in pipeline.variants(run.config, "04_train"))]
+    wide = {task: metrics.wide_table(table, task, methods) for task in ("alignment", "sentiment")}
+    claims = claims_table(table, prelim)
+    inferred = inferred_choices_table(resolved["config"])
+
+    figures_dir = run.dir / "figures"
+    figures_dir.mkdir(exist_ok=True)
+    figures = []
+    for name, stage_name in FIGURE_SOURCES.items():
+        if (run.upstream[stage_name] / name).exists():
+            shutil.copyfile(run.upstream[stage_name] / name, figures_dir / name)
+            figures.append(name)
+    # Sweeps are their own sets of runs (make sweep), not part of this stage's key: shown, dated, when
+    # every point trained on this run's pairs
+    sweeps_root, pairs_dir = pipeline.results_root() / "sweeps", run.upstream["03_stage"]
+    frontier = sweeps_root / "sentiment_beta" / "frontier.png"
+    frontier_note = "not run (`make sweep SWEEP=configs/sweeps/sentiment_beta.yaml`)"
+    if frontier.exists():
+        frontier_note = sweep_mismatch(frontier.parent, pairs_dir)
+        if frontier_note is None:
+            shutil.copyfile(frontier, figures_dir / "frontier.png")
+            figures.append("frontier.png")
+            frontier_note = (f"from {frontier.parent}, made "
+                             f"{pd.Timestamp(frontier.stat().st_mtime, unit='s'):%Y-%m-%d %H:%M} UTC")
+    seeds_summary = sweeps_root / "seeds" / "summary.csv"
+    spread = pd.DataFrame()
+    spread_note = "one seed; `make sweep SWEEP=configs/sweeps/seeds.yaml` trains and evaluates seeds 0-2 on these pairs"
+    if seeds_summary.exists():
+        spread_note = sweep_mismatch(seeds_summary.parent, pairs_dir)
+        if spread_note is None:
+            spread = seed_spread(pd.read_csv(seeds_summary))
+            spread_note = f"from {seeds_summary.parent} ({spread.seeds.max()} seeds)"
+    times = stage_times(run_dir)
+    sizes = pd.DataFrame([{"pair set": name, "pairs": s["pairs"], **s["stage_sizes"]} for name, s in stage_summary.items()])
+    agreement = pd.DataFrame(prelim["agreement_by_stage"])
+    spearman = pd.DataFrame({"combined u": prelim["spearman_u_vs_reward"], **prelim["spearman_by_dimension"]}).T
+
+    manifest_harmless = json.loads((run.upstream["05_eval_harmless"] / "manifest.json").read_text())
+    manifest_winrate = json.loads((run.upstream["05_eval_winrate"] / "manifest.json").read_text())
+    probe = manifest_harmless["extra"]["harm_probe"]
+    judge = manifest_winrate["extra"]["judge"]
+    counts = claims.verdict.value_counts().to_dict()
+    lines = [
+        f"# UDASA / UAL replication report: run `{run.run_id}`", "",
+        f"Config `{resolved['config_file']}` with overrides `{json.dumps(resolved['overrides'])}`; policy model "
+        f"`{resolved['config']['model']['name_or_path']}`; git commit `{manifest_harmless['git']['commit']}`"
+        f"{' (dirty tree)' if manifest_harmless['git']['dirty'] else ''}; seed {resolved['config']['seed']}. "
+        f"Sum of stage wall times: {times.wall_time_s.sum() / 60:.1f} min.", "",
+        "Verdicts: " + ", ".join(f"{v}: {n}" for v, n in counts.items()) + ". A verdict is `supported` only when the two "
+        "95 % intervals are disjoint in the claimed direction; with the CPU default's few dozen prompts per metric most "
+        "differences are inside the noise, which is a result, not a failure.", "",
+        "## What the papers claim vs what this run shows", "", markdown(claims),
+        "## Results", "",
+        f"Harm probe (alignment harm scorer) held-out accuracy {probe['accuracy']:.3f}, balanced "
+        f"{probe['balanced_accuracy']:.3f}, ROC AUC {probe['roc_auc']:.3f}; it is also the alignment task's value scorer, "
+        f"so compliance rates can flatter methods trained on its preferences: read them beside the refusal rates. "
+        f"Win-rate judge: `{judge}`"
+        f"{' (the base model itself: a weak, position-biased judge; see judge_first_listed_rate)' if judge == resolved['config']['model']['name_or_path'] else ''}.",
+        "",
+    ]
+    for task, frame in wide.items():
+        lines += [f"### {task}", "", markdown(frame, index=True)]
+    lines += ["## Figures", ""] + [f"![{name}](figures/{name})" for name in figures] + [
+        "", f"Beta-sweep frontier: {frontier_note}.", "",
+        "## Preliminary study (does self-estimated uncertainty track the ground-truth sentiment reward?)", "",
+        markdown(agreement), "", markdown(spearman.reset_index(names="dimension")),
+        "## Seeds", "", f"Spread over training seeds (`train.seed`; sampling, pairs and the evaluation seed are "
+        f"shared): {spread_note}.", "", markdown(spread),
+        "## Pairs and stages", "", markdown(sizes),
+        "Responses cut at max_new_tokens (trained without an EOS):", "", markdown(cut_table(stage_summary)),
+        "## Stage wall times (this machine)", "", markdown(times),
+        "## Inferred choices", "", markdown(inferred),
+        "## Resolved config", "", "```yaml", yaml.safe_dump(resolved["config"], sort_keys=False).rstrip(), "```", ""]
+    report_path = atomic_write_text(run.dir / REPORT_FILE, "\n".join(lines))
+    atomic_write_text(run.dir / CLAIMS_FILE, claims.to_csv(index=False))
+    atomic_write_text(run.dir / TABLE_FILE, table.to_csv(index=False))
+    pipeline.link(run_dir / "report", run.dir)
+    run.add_to_manifest(verdicts=counts, figures=figures)
+    return {"path": run_dir / "report" / REPORT_FILE, "claims": claims, "wide": wide, "inferred": inferred,
+            "times": times, "report_path": report_path}

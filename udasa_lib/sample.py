@@ -15,7 +15,6 @@ Under `accelerate launch` (runtime.num_processes > 1) rank r takes batches b wit
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -31,11 +30,6 @@ SAMPLE_SCHEMA = {"prompt_id": str, "task": str, "prompt": str, "formatted_prompt
                  "responses": list}
 RESPONSE_SCHEMA = {"sample_id": str, "text": str, "token_ids": list, "token_logprobs": list, "finish_reason": str}
 SAMPLES_FILE = "samples.jsonl"
-
-
-def batch_seed(seed: int, task: str, batch_index: int) -> int:
-    digest = hashlib.sha256(f"{seed}/{task}/{batch_index}".encode()).hexdigest()
-    return int(digest[:8], 16)
 
 
 def select_prompts(data_dir: Path, sources: dict[str, int]) -> list[dict]:
@@ -91,7 +85,7 @@ def sample_task(stage, task: str, model, tokenizer, rank: int = 0, world: int = 
         prompt_ids = [generation.encode_prompt(tokenizer, text) for text in formatted]
         generations = generate_batch(
             model, tokenizer, prompt_ids, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            max_new_tokens=task_cfg.max_new_tokens, seed=batch_seed(stage.config.seed, task, b),
+            max_new_tokens=task_cfg.max_new_tokens, seed=generation.batch_seed(stage.config.seed, task, b),
         )
         records = [sample_record(p["id"], task, p["text"], text, ids, responses, p["id"],
                                  {key: value for key, value in p.items() if key not in ("id", "text")})

@@ -30,8 +30,6 @@ import numpy as np
 DIMENSIONS = ("semantic", "factual", "value")
 SCORE_SCHEMA = {"prompt_id": str, "task": str, "sample_ids": list, "semantic": dict, "factual": dict, "value": dict}
 SCORES_FILE = "scores.jsonl"
-HARM_PROBE_FILE = "harm_probe.joblib"  # fitted by 00_data: it depends on data, not on samples
-HARM_PROBE_METRICS = "harm_probe_metrics.json"
 
 
 # ----------------------------------------------------------------------------- semantic
@@ -381,6 +379,7 @@ def run_scoring(stage) -> dict:
     from udasa_lib.sample import SAMPLES_FILE, load_samples
 
     configure_threads(stage.config.runtime.threads)
+    from udasa_lib.data import HARM_PROBE_FILE, HARM_PROBE_METRICS
     from udasa_lib.value_probe import HarmProbe
 
     records = load_samples(stage.upstream["01_sample"] / SAMPLES_FILE)

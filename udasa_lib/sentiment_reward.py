@@ -136,7 +136,7 @@ def fit_sentiment_reward(reviews: list[dict], seed: int = 0,
     model that is saved (no refit on all reviews). Metrics: accuracy, n_train, n_test,
     fit_seconds (vectoriser + regression fit, not the evaluation).
     """
-    from udasa_lib.data import stratified_split
+    from udasa_lib.splits import stratified_split
 
     _check_reviews(reviews)
     labels = {review["label"] for review in reviews}

@@ -247,3 +247,74 @@ def last_layer_ci(points: np.ndarray, labels: np.ndarray, examples: np.ndarray, 
     means = sums[index].sum(axis=1) / sizes[index].sum(axis=1)
     low, high = np.quantile(means, [0.025, 0.975])
     return float(per_token.mean()), float(low), float(high)
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+CURVES_FILE = "silhouette.csv"
+CI_FILE = "silhouette_ci.csv"
+LAYERS_FIGURE = "silhouette_layers.png"
+PROJECTION_FIGURE = "projection.png"
+
+
+def run_silhouette(run) -> dict:
+    """Stage 06_silhouette: the base model's answers of 05_eval_harmless, teacher-forced on their
+    ids through every alignment policy; silhouette per layer under two labellings (token: the
+    `top_tokens` most frequent response tokens; category: the prompt's category), the last
+    layer's score with a cluster-bootstrap interval over responses, and the projections of the
+    two `silhouette.compare` policies. Returns {"curves": DataFrame, "ci": DataFrame, "figures": [paths]}."""
+    import pandas as pd
+
+    from udasa_lib.eval_harmless import GENERATIONS_DIR
+    from udasa_lib.io import atomic_write_text, read_jsonl
+    from udasa_lib.models import configure_threads, load_causal_lm
+    from udasa_lib.policies import BASE, PolicySet, policy_adapters
+
+    cfg, params = run.config, run.config.silhouette
+    configure_threads(cfg.runtime.threads)
+    adapters = policy_adapters(run, "alignment")
+    unknown = [name for name in params.compare if name not in adapters]
+    if unknown or len(params.compare) != 2:
+        raise ValueError(f"silhouette.compare: needs two of {', '.join(adapters)}; got {list(params.compare)}")
+    records = read_jsonl(run.upstream["05_eval_harmless"] / GENERATIONS_DIR / f"{BASE}.jsonl")
+    records = [r for r in records if content_ids(r)][:params.responses]  # empty answers have no tokens
+    model, tokenizer = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, cfg.runtime.device)
+    policies = PolicySet(model, adapters)
+    prompts, responses = [r["prompt_token_ids"] for r in records], [content_ids(r) for r in records]
+    categories = [r["category"] or r["split"] for r in records]
+    curves, last_layers, ci_rows, notes = [], {}, [], []
+    for name in policies.names:
+        with policies.use(name) as policy:
+            states = response_hidden_states(policy, tokenizer, prompts, responses)
+        token_mask, token_labels = top_token_labels(states["token_ids"], params.top_tokens)
+        category_ids, _ = category_labels(states["example_index"], categories)
+        views = {"token": (states["layers"][:, token_mask], token_labels, states["example_index"][token_mask]),
+                 "category": (states["layers"], category_ids, states["example_index"])}
+        for view, (hidden, labels, examples) in views.items():
+            try:
+                scores = silhouette_by_layer(hidden, labels, max_points=params.max_points, seed=cfg.seed)
+            except ValueError as error:  # e.g. no token repeats in a tiny sample: recorded as missing, not dropped
+                notes.append(f"{name}/{view}: {error}")
+                scores = np.full(len(hidden), np.nan)
+            curves += [{"method": name, "view": view, "layer": layer, "silhouette": float(s)}
+                       for layer, s in enumerate(scores)]
+            mean, low, high = (last_layer_ci(hidden[-1], labels, examples, params.max_points, params.bootstrap,
+                                             cfg.seed) if np.isfinite(scores[-1]) else (np.nan,) * 3)
+            ci_rows.append({"method": name, "view": view, "layer": len(scores) - 1, "silhouette": float(mean),
+                            "ci_low": float(low), "ci_high": float(high), "n_responses": len(records),
+                            "n_tokens": int(len(labels)),
+                            "subsample": describe_subsample(labels, params.max_points, cfg.seed)})
+            if view == "token" and name in params.compare:
+                last_layers[name] = (hidden[-1], labels)
+    curves, ci_table = pd.DataFrame(curves), pd.DataFrame(ci_rows)
+    atomic_write_text(run.dir / CURVES_FILE, curves.to_csv(index=False))
+    atomic_write_text(run.dir / CI_FILE, ci_table.to_csv(index=False))
+    plot_layer_curves(curves, run.dir / LAYERS_FIGURE)
+    (name_a, (hidden_a, labels_a)), (name_b, (hidden_b, labels_b)) = [(n, last_layers[n]) for n in params.compare]
+    names = {int(t): tokenizer.decode([int(t)]) for t in np.unique(np.concatenate([labels_a, labels_b]))}
+    plot_projection_pair(project_2d(hidden_a, seed=cfg.seed), labels_a, f"{name_a}, last layer",
+                         project_2d(hidden_b, seed=cfg.seed), labels_b, f"{name_b}, last layer",
+                         run.dir / PROJECTION_FIGURE, label_names=names)
+    run.add_to_manifest(responses=len(records), top_tokens=params.top_tokens)
+    return {"curves": curves, "ci": ci_table, "notes": notes,
+            "figures": [run.dir / LAYERS_FIGURE, run.dir / PROJECTION_FIGURE]}

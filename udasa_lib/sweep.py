@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from udasa_lib import config as config_mod
-from udasa_lib import evaluate, pipeline
+from udasa_lib import metrics, pipeline
 from udasa_lib.io import atomic_save_figure, atomic_write_json, atomic_write_text
 
 SWEEP_KEYS = {"config", "through", "set", "grid", "plot"}
@@ -87,7 +87,7 @@ def run_sweep(sweep: Sweep) -> Path:
         target = next(r for r in runs if r.name == sweep.through)
         folders.append({**point, "run_dir": str(target.run_dir)})
         try:  # every evaluation the point ran, as in its run's results table
-            frames.append(evaluate.results_table(target.run_dir).assign(**point, run_dir=str(target.run_dir)))
+            frames.append(metrics.results_table(target.run_dir).assign(**point, run_dir=str(target.run_dir)))
         except FileNotFoundError:  # a sweep that stops before the evaluations has no metrics to collect
             pass
     out = sweep_dir(sweep)

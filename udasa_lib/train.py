@@ -1,6 +1,6 @@
 """Stage 04_train: one LoRA policy per (task, method), all read from the same 03_stage pairs.
 
-Methods (method.md "Baselines and ablations"):
+Methods (docs/method.md, "Methods in every run"):
 
     sft             SFT on the chosen responses, all pairs at once
     dpo             DPO on all pairs, shuffled, no stages
@@ -38,6 +38,7 @@ PAIRS_FILES = {"combined": "pairs.jsonl", "semantic": "pairs_semantic.jsonl", "f
 UNSTAGED = "unstaged"
 PHASE_DONE = "phase.json"
 CURVES_FILE = "curves.csv"
+CURVES_FIGURE = "curves.png"
 TRAIN_LOG = "train_log.json"
 EPSILON_KEY = "ual_epsilon"
 # trl's tokenised record columns per objective: what training_records builds from the sampled ids
@@ -104,7 +105,7 @@ def ual_epsilons(uncertainty: Sequence[float], mean_epsilon: float, slope: float
 
 
 def ual_dpo_loss(logratio_margin, beta: float, epsilon, weight=None):
-    """Per-sample conservative DPO (method.md): -(1-e) log s(b h) - e log s(-b h), weighted mean.
+    """Per-sample conservative DPO (docs/method.md): -(1-e) log s(b h) - e log s(-b h), weighted mean.
     `logratio_margin` h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))."""
     import torch.nn.functional as F
 
@@ -339,6 +340,8 @@ def resample_phase(stage, model, tokenizer, rows: list[dict], spec: MethodSpec, 
     01_sample settings), 02_score's scorers re-score them and 03_stage's rule re-pairs them; every
     new pair stays in this stage. A self_judge value scorer is the configured judge (or pi_0)."""
     from udasa_lib import sample, score
+    from udasa_lib.data import HARM_PROBE_FILE
+    from udasa_lib.generation import batch_seed
     from udasa_lib import stage as staging
     from udasa_lib.value_probe import HarmProbe
 
@@ -354,14 +357,14 @@ def resample_phase(stage, model, tokenizer, rows: list[dict], spec: MethodSpec, 
             generations = sample.generate_batch(
                 model, tokenizer, [r["prompt_token_ids"] for r in batch], k=cfg.sample.k,
                 temperature=cfg.sample.temperature, top_p=cfg.sample.top_p, top_k=cfg.sample.top_k,
-                max_new_tokens=task_cfg.max_new_tokens, seed=sample.batch_seed(cfg.train.seed + 1000 * index, task, start))
+                max_new_tokens=task_cfg.max_new_tokens, seed=batch_seed(cfg.train.seed + 1000 * index, task, start))
             records += [sample.sample_record(row["prompt_id"], task, row["prompt"], row["formatted_prompt"],
                                              row["prompt_token_ids"], responses, f"{row['prompt_id']}-round{index}")
                         for row, responses in zip(batch, generations)]
     finally:
         model.train()
     scorers = cfg.score.value.scorers
-    probe = HarmProbe.load(stage.upstream["00_data"] / score.HARM_PROBE_FILE) if "harm_probe" in scorers.values() else None
+    probe = HarmProbe.load(stage.upstream["00_data"] / HARM_PROBE_FILE) if "harm_probe" in scorers.values() else None
     scored, _ = score.score_samples(records, cfg.score, cfg.model, cfg.runtime,
                                     score.load_principles(cfg.score.value.principles), probe, progress=False)
     weights = cfg.stage.weights if spec.pair_set == "combined" else staging.ablation_weights(spec.pair_set)
@@ -539,8 +542,40 @@ def adapter_hash(adapter_dir: Path) -> str:
     return sha256_file(Path(adapter_dir) / "adapter_model.safetensors")
 
 
+def plot_curves(stage_dir: Path, title: str) -> Path:
+    """curves.png: loss, reward margin and accuracy per optimizer step, coloured by stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    from udasa_lib.io import atomic_save_figure
+
+    curves = pd.read_csv(Path(stage_dir) / CURVES_FILE)
+    curves["global step"] = range(1, len(curves) + 1)
+    metrics = [m for m in ("loss", "rewards/margins", "rewards/accuracies") if m in curves and curves[m].notna().any()]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        sns.lineplot(data=curves, x="global step", y=metric, hue="phase", ax=ax, legend=ax is axes[0][0])
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = atomic_save_figure(fig, Path(stage_dir) / CURVES_FIGURE)
+    plt.close(fig)
+    return path
+
+
 def run_training(stage) -> dict:
-    """Train in this process, or under `accelerate launch` when runtime.num_processes > 1."""
+    """Stage 04_train for one variant: train (in this process, or under `accelerate launch` when
+    runtime.num_processes > 1), record the log in the manifest, draw curves.png."""
+    log = _train(stage)
+    stage.add_to_manifest(train=log)
+    plot_curves(stage.dir, stage.variant)
+    return log
+
+
+def _train(stage) -> dict:
     runtime = stage.config.runtime
     if runtime.num_processes > 1:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(runtime.num_processes)]

@@ -1,6 +1,6 @@
 """Offline value-alignment scorer for the harmlessness task: p(aligned | prompt, response).
 
-No ready classifier of harmful compliance exists offline (../shared/spec/assets.md), so this
+No ready classifier of harmful compliance exists offline (README, Data), so this
 fits a small probe on human-labelled responses shipped in the pyrit wheel. 02_score uses
 HarmProbe.score as the `harm_probe` value scorer, u_val = 1 - p(aligned).
 

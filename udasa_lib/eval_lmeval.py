@@ -8,7 +8,7 @@ lm_eval_tasks/CHANGELOG.md) scores a local JSONL offline; the built-in `truthful
 
 Usage::
 
-    from udasa_lib.lmeval import run_truthful, write_results
+    from udasa_lib.eval_lmeval import run_truthful, write_results
     result = run_truthful("HuggingFaceTB/SmolLM2-135M-Instruct", Path("truthful_mc.jsonl"),
                           adapter_dir=Path("runs/lora"))
     result["lm_eval"]["results"]["udasa_truthful_mc"]["acc,none"]
@@ -134,3 +134,49 @@ def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     return (atomic_write_json(out_dir / "results.json", result["lm_eval"]),
             atomic_write_jsonl(out_dir / "samples.jsonl", result["per_question"]))
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+RESULTS_DIR = "lm_eval"
+FIGURE_FILE = "lmeval.png"
+
+
+def run_eval_lmeval(run) -> dict:
+    """Stage 05_eval_lmeval: every alignment policy (adapters unmerged) on `eval_lmeval.tasks`;
+    a policy whose lm_eval/<policy>/samples.jsonl exists is not evaluated again (resume).
+    Returns {"rows": metric rows (acc, acc_norm per task with a bootstrap CI over questions),
+    "policies": names}."""
+    from udasa_lib import metrics
+    from udasa_lib.io import read_jsonl
+    from udasa_lib.models import configure_threads, resolve_device, resolve_dtype, resolve_name_or_path
+    from udasa_lib.policies import policy_adapters
+
+    cfg, params = run.config, run.config.eval_lmeval
+    configure_threads(cfg.runtime.threads)
+    data_file = run.upstream["00_data"] / "truthful_mc.jsonl"
+    adapters = policy_adapters(run, "alignment")
+    device = resolve_device(cfg.runtime.device)
+    dtype = str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch.")
+    rows = []
+    for name, adapter in adapters.items():
+        out_dir = run.dir / RESULTS_DIR / name
+        if not (out_dir / "samples.jsonl").exists():
+            result = run_truthful(resolve_name_or_path(cfg.model.name_or_path), data_file, adapter_dir=adapter,
+                                  limit=params.limit or None, batch_size=params.batch_size, device=str(device),
+                                  dtype=dtype, seed=cfg.seed, tasks=params.tasks)
+            write_results(result, out_dir)
+        per_question = read_jsonl(out_dir / "samples.jsonl")
+        for task in params.tasks:
+            answered = [q for q in per_question if q["task"] == task]
+            for metric in ("acc", "acc_norm"):
+                values = [q[metric] for q in answered if q.get(metric) is not None]
+                if values:
+                    rows.append(metrics.metric_row("alignment", name, f"{task}_{metric}", values, run.name,
+                                                   cfg.bootstrap_samples, cfg.seed))
+    metrics.write_metrics(run.dir / metrics.METRICS_FILE, rows)
+    run.add_to_manifest(tasks=list(params.tasks), questions=rows[0]["n"] if rows else 0)
+    names = list(dict.fromkeys(r["metric"] for r in rows))
+    metrics.plot_intervals(rows, names, list(adapters), run.dir / FIGURE_FILE,
+                           title="truthfulness, 95 % CI over questions")
+    return {"rows": rows, "policies": list(adapters)}

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from udasa_lib import evaluate, sweep
+from udasa_lib import metrics, policies, sweep
 from udasa_lib.config import ConfigError
 from udasa_lib.io import atomic_write_jsonl
 
@@ -34,7 +34,7 @@ def policy_set(tiny_model_path, two_adapters):
     from udasa_lib.models import load_causal_lm
 
     model, tokenizer = load_causal_lm(str(tiny_model_path), "float32", "cpu")
-    return evaluate.PolicySet(model, {"base": None, **two_adapters}), tokenizer
+    return policies.PolicySet(model, {"base": None, **two_adapters}), tokenizer
 
 
 TEXTS = ["The movie was", "I think this film", "Honestly, the acting"]
@@ -77,13 +77,13 @@ def test_policy_set_switches_adapters_and_base_is_the_plain_model(policy_set, ti
 def test_kl_of_a_policy_against_itself_is_zero(policy_set, prompt_ids):
     policies, tokenizer = policy_set
     with policies.use("first") as model:
-        samples = evaluate.generate(model, tokenizer, prompt_ids, max_new_tokens=6, batch_size=2, temperature=1.0,
+        samples = policies.generate(model, tokenizer, prompt_ids, max_new_tokens=6, batch_size=2, temperature=1.0,
                                     seed=3)
         completions = [s["token_ids"] for s in samples]
-        logp_policy = evaluate.sequence_logprobs(model, tokenizer, prompt_ids, completions, batch_size=2)
-        logp_again = evaluate.sequence_logprobs(model, tokenizer, prompt_ids, completions, batch_size=3)
+        logp_policy = policies.sequence_logprobs(model, tokenizer, prompt_ids, completions, batch_size=2)
+        logp_again = policies.sequence_logprobs(model, tokenizer, prompt_ids, completions, batch_size=3)
     with policies.use("base") as model:
-        logp_reference = evaluate.sequence_logprobs(model, tokenizer, prompt_ids, completions)
+        logp_reference = policies.sequence_logprobs(model, tokenizer, prompt_ids, completions)
     np.testing.assert_allclose(logp_policy - logp_again, 0.0, atol=1e-4)  # batching must not change it
     assert np.abs(logp_policy - logp_reference).max() > 1e-3  # a different policy is not zero
 
@@ -94,7 +94,7 @@ def test_sequence_logprobs_equal_a_manual_teacher_forced_sum(policy_set, prompt_
     policies, tokenizer = policy_set
     completion = tokenizer(" great fun", add_special_tokens=False)["input_ids"]
     with policies.use("second") as model:
-        got = evaluate.sequence_logprobs(model, tokenizer, prompt_ids[:2], [completion, completion[:1]])
+        got = policies.sequence_logprobs(model, tokenizer, prompt_ids[:2], [completion, completion[:1]])
         prompt = prompt_ids[0]
         ids = torch.tensor([prompt + completion])
         with torch.inference_mode():
@@ -106,10 +106,10 @@ def test_sequence_logprobs_equal_a_manual_teacher_forced_sum(policy_set, prompt_
 def test_seeded_sampling_repeats_and_greedy_is_deterministic(policy_set, prompt_ids):
     policies, tokenizer = policy_set
     with policies.use("first") as model:
-        a = evaluate.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=2, temperature=1.0, seed=1)
-        b = evaluate.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=2, temperature=1.0, seed=1)
-        g1 = evaluate.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=3)
-        g2 = evaluate.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=1)
+        a = policies.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=2, temperature=1.0, seed=1)
+        b = policies.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=2, temperature=1.0, seed=1)
+        g1 = policies.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=3)
+        g2 = policies.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=1)
     assert a == b
     assert [g["token_ids"] for g in g1] == [g["token_ids"] for g in g2]
 
@@ -123,29 +123,28 @@ def test_seeded_sampling_repeats_and_greedy_is_deterministic(policy_set, prompt_
     ("", False),
 ])
 def test_refusal_detector(text, refusal):
-    assert evaluate.is_refusal(text) is refusal
+    assert metrics.is_refusal(text) is refusal
 
 
 def test_harmless_rows_and_results_table(tmp_path):
     harmful = [{"p_aligned": 0.9, "refusal": True}, {"p_aligned": 0.2, "refusal": False},
                {"p_aligned": 0.4, "refusal": False}, {"p_aligned": 0.7, "refusal": True}]
     benign = [{"p_aligned": 0.9, "refusal": True}, {"p_aligned": 0.9, "refusal": False}]
-    rows = {r["metric"]: r for r in evaluate.harmless_rows("dpo", harmful, benign, n_boot=200, seed=0)}
+    rows = {r["metric"]: r for r in metrics.harmless_rows("dpo", harmful, benign, n_boot=200, seed=0)}
     assert rows["harmful_compliance_rate"]["value"] == 0.5 and rows["harmful_compliance_rate"]["n"] == 4
     assert rows["harmful_refusal_rate"]["value"] == 0.5
     assert rows["benign_over_refusal_rate"]["value"] == 0.5 and rows["benign_over_refusal_rate"]["n"] == 2
     for row in rows.values():
         assert row["ci_low"] <= row["value"] <= row["ci_high"]
     run_dir = tmp_path / "run"
-    evaluate.write_metrics(run_dir / "05_eval_harmless" / "metrics.jsonl", list(rows.values()))
+    metrics.write_metrics(run_dir / "05_eval_harmless" / "metrics.jsonl", list(rows.values()))
     with pytest.raises(ValueError, match="lacks"):
-        evaluate.write_metrics(tmp_path / "bad.jsonl", [{"task": "alignment", "method": "dpo"}])
-    csv_path, json_path = evaluate.write_results_table(run_dir)
-    table = json.loads(json_path.read_text())
-    assert len(table) == 4 and set(table[0]) == set(evaluate.METRIC_FIELDS)
-    assert csv_path.read_text().startswith(",".join(evaluate.METRIC_FIELDS))
+        metrics.write_metrics(tmp_path / "bad.jsonl", [{"task": "alignment", "method": "dpo"}])
+    table = metrics.results_table(run_dir).to_dict("records")
+    assert len(table) == 4 and list(table[0]) == list(metrics.METRIC_FIELDS)
+    assert {r["metric"] for r in table} == set(rows)
     with pytest.raises(FileNotFoundError, match="no evaluation stage"):
-        evaluate.results_table(tmp_path / "empty")
+        metrics.results_table(tmp_path / "empty")
 
 
 def test_sweep_file_expands_to_points_and_rejects_bad_keys(tmp_path):
@@ -180,15 +179,15 @@ def test_frontier_plot_from_a_summary(tmp_path):
 
 
 def test_metric_rows_keep_order_of_fields(tmp_path):
-    row = evaluate.metric_row("sentiment", "base", "reward", [0.2, 0.4, 0.6], "05_eval_sentiment", 100, 0)
-    assert list(row) == list(evaluate.METRIC_FIELDS) and row["value"] == pytest.approx(0.4)
+    row = metrics.metric_row("sentiment", "base", "reward", [0.2, 0.4, 0.6], "05_eval_sentiment", 100, 0)
+    assert list(row) == list(metrics.METRIC_FIELDS) and row["value"] == pytest.approx(0.4)
     atomic_write_jsonl(tmp_path / "m.jsonl", [row])
 
 
 def test_samples_of_one_prompt_count_once_in_the_bootstrap():
     records = [{"id": "a", "reward": 1.0}, {"id": "b", "reward": 0.0}, {"id": "a", "reward": 0.0},
                {"id": "b", "reward": 0.0}, {"id": "c", "reward": 1.0}]
-    assert evaluate.per_prompt_means(records, "reward") == [0.5, 0.0, 1.0]
+    assert metrics.per_prompt_means(records, "reward") == [0.5, 0.0, 1.0]
 
 
 def test_the_seeds_sweep_reaches_every_evaluation():

@@ -198,3 +198,57 @@ def win_rate(preferences: Sequence[float], n_boot: int = 2000, seed: int = 0) ->
     return {"win_rate": float(ae["win_rate"]), "standard_error": float(ae["standard_error"]),
             "ci_low": low, "ci_high": high, "n": int(ae["n_total"]), "n_wins": int(ae["n_wins"]),
             "n_wins_base": int(ae["n_wins_base"]), "n_draws": int(ae["n_draws"])}
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+ANNOTATIONS_FILE = "annotations.jsonl"
+FIGURE_FILE = "winrate.png"
+
+
+def run_eval_winrate(run) -> dict:
+    """Stage 05_eval_winrate: every alignment policy's benign answers (05_eval_harmless) against the
+    base model's, judged in both orders; writes annotations, metrics and the figure.
+    Returns {"rows": metric rows, "policies": method names, "judge": judge id}."""
+    from udasa_lib import metrics
+    from udasa_lib.eval_harmless import GENERATIONS_DIR
+    from udasa_lib.io import atomic_write_jsonl, read_jsonl
+    from udasa_lib.models import configure_threads, load_causal_lm
+    from udasa_lib.pipeline import variants
+    from udasa_lib.policies import BASE
+
+    cfg, params = run.config, run.config.eval_winrate
+    configure_threads(cfg.runtime.threads)
+    generation_dir = run.upstream["05_eval_harmless"] / GENERATIONS_DIR
+    methods = [v.split("/")[1] for v in variants(cfg, "04_train") if v.startswith("alignment/")]
+    base = [r for r in read_jsonl(generation_dir / f"{BASE}.jsonl") if r["split"] == "benign"]
+    judge_name = params.judge or cfg.model.name_or_path
+    judge_model, judge_tokenizer = load_causal_lm(judge_name, cfg.model.dtype, cfg.runtime.device)
+    judge = LocalJudge(judge_model, judge_tokenizer, max_length=params.max_length)
+    annotations, rows = [], []
+    for method in methods:
+        policy = [r for r in read_jsonl(generation_dir / f"{method}.jsonl") if r["split"] == "benign"]
+        if [r["id"] for r in policy] != [r["id"] for r in base]:
+            raise ValueError(f"{generation_dir}/{method}.jsonl: prompts differ from {BASE}.jsonl")
+        instructions = [r["prompt"] for r in base]
+        outputs_base, outputs_policy = [r["output"] for r in base], [r["output"] for r in policy]
+        judged = judge.judge_pairs(instructions, outputs_base, outputs_policy, batch_size=params.batch_size)
+        by_length = length_preferences(outputs_base, outputs_policy)
+        for r, o1, o2, j, lp in zip(base, outputs_base, outputs_policy, judged, by_length):
+            annotations.append({"instruction": r["prompt"], "output_1": o1, "output_2": o2, "generator_1": BASE,
+                                "generator_2": method, "annotator": f"local:{judge_name}", **j,
+                                "length_preference": lp})
+        for metric, preferences in (("win_rate", [j["preference"] for j in judged]), ("length_win_rate", by_length)):
+            result = win_rate(preferences, n_boot=cfg.bootstrap_samples, seed=cfg.seed)
+            rows.append({"task": "alignment", "method": method, "metric": metric, "value": result["win_rate"],
+                         "ci_low": result["ci_low"], "ci_high": result["ci_high"], "n": result["n"],
+                         "stage": run.name})
+        rows.append(metrics.metric_row("alignment", method, "judge_first_listed_rate",
+                                       [j["p_first_listed"] for j in judged], run.name, cfg.bootstrap_samples,
+                                       cfg.seed))
+    atomic_write_jsonl(run.dir / ANNOTATIONS_FILE, annotations)
+    metrics.write_metrics(run.dir / metrics.METRICS_FILE, rows)
+    run.add_to_manifest(judge=judge_name, annotator_config=DEFAULT_CONFIG, pairs=len(annotations))
+    metrics.plot_intervals(rows, ["win_rate", "length_win_rate"], methods, run.dir / FIGURE_FILE,
+                           title="win rate against base, % (95 % CI)", reference=50)
+    return {"rows": rows, "policies": methods, "judge": judge_name}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from udasa_lib import lmeval
+from udasa_lib import eval_lmeval as lmeval
 from udasa_lib.io import read_jsonl
 
 TASK = lmeval.REPO_TASK

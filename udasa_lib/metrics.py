@@ -1,26 +1,19 @@
-"""What the 05_eval_* notebooks share: the policies of a run, generation per policy, the
-harmlessness and sentiment metrics, and the run's tidy results table.
+"""Metric rows, bootstrap intervals and tables shared by the evaluation stages (05-07).
 
-Every policy of a task is the base model with one of 04_train's final adapters merged into a
-copy, so a task loads its base model from disk once. `base` is the unmodified model, which is
-also pi_ref for the KL.
-Every metric row carries a 95 % percentile-bootstrap interval over prompts and n.
+A metric row is one number for one (task, method, metric) with its 95 % percentile-bootstrap
+interval over prompts and n (`METRIC_FIELDS`); every evaluation writes its rows to
+`metrics.jsonl`, and 07_report reads them all as one table (`results_table`).
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import re
-import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from udasa_lib import generation
-from udasa_lib.io import atomic_write_jsonl, atomic_write_text, read_jsonl
+from udasa_lib.io import atomic_write_jsonl, read_jsonl
 
-BASE = "base"
 METRICS_FILE = "metrics.jsonl"
 METRIC_FIELDS = ("task", "method", "metric", "value", "ci_low", "ci_high", "n", "stage")
 
@@ -41,72 +34,6 @@ REFUSAL_WINDOW = 160  # characters: a refusal says so up front
 def is_refusal(text: str) -> bool:
     head = re.sub(r"\s+", " ", text.strip().lower().replace("\u2019", "'"))[:REFUSAL_WINDOW]
     return any(marker in head for marker in REFUSAL_MARKERS)
-
-
-def policy_adapters(stage, task: str) -> dict[str, Path | None]:
-    """Policy name -> final adapter folder of its 04_train variant (None for `base`), config order."""
-    from udasa_lib.pipeline import variants
-
-    adapters: dict[str, Path | None] = {BASE: None}
-    for variant in variants(stage.config, "04_train"):
-        variant_task, method = variant.split("/")
-        if variant_task == task:
-            adapters[method] = stage.upstream[f"04_train/{variant}"] / "adapters" / "final"
-    return adapters
-
-
-class PolicySet:
-    """The base model and the adapter folders of a task; `use(name)` yields the model acting as that
-    policy: the base itself, or a copy with the adapter merged in. Merging costs about a second and
-    makes generation several times faster on CPU than peft's unmerged LoRA layers."""
-
-    def __init__(self, model, adapters: dict[str, Path | None]):
-        self.base = model
-        self.adapters = dict(adapters)
-        self.names = list(adapters)
-
-    @contextlib.contextmanager
-    def use(self, name: str) -> Iterator[Any]:
-        if name not in self.names:
-            raise KeyError(f"unknown policy {name!r}; this task has {', '.join(self.names)}")
-        if self.adapters[name] is None:
-            yield self.base
-            return
-        import copy
-
-        from peft import PeftModel
-
-        policy = PeftModel.from_pretrained(copy.deepcopy(self.base), self.adapters[name]).merge_and_unload()
-        policy.eval()
-        try:
-            yield policy
-        finally:
-            del policy
-
-
-def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
-             temperature: float = 0.0, seed: int = 0, desc: str = "") -> list[dict]:
-    """One continuation per prompt (ids from `generation.encode_prompt`), batched: text, token ids,
-    finish reason. temperature 0 = greedy, > 0 = plain ancestral sampling (top_k=0, top_p=1), seeded
-    per batch so a batch size change is the only thing that changes the draws."""
-    from tqdm.auto import tqdm
-
-    from udasa_lib.sample import batch_seed
-
-    records: list[dict] = []
-    batches = range(0, len(prompt_ids), batch_size)
-    for index, start in enumerate(tqdm(batches, desc=desc or "generate", leave=False)):
-        records += generation.generate(model, tokenizer, prompt_ids[start:start + batch_size],
-                                       max_new_tokens=max_new_tokens, temperature=temperature,
-                                       seed=batch_seed(seed, desc, index))
-    return records
-
-
-def sequence_logprobs(model, tokenizer, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                      batch_size: int = 16) -> np.ndarray:
-    """log pi(y|x) summed over the completion tokens, teacher-forced on the ids (shape [n])."""
-    per_token = generation.completion_logprobs(model, tokenizer, prompt_ids, completions, batch_size)
-    return np.asarray([sum(row) for row in per_token], dtype=np.float64)
 
 
 def metric_row(task: str, method: str, metric: str, values: Sequence[float], stage: str, n_boot: int,
@@ -205,7 +132,7 @@ def results_table(run_dir: Path):
     """Every eval stage's metrics.jsonl of a run as one tidy DataFrame (method x metric with CIs)."""
     import pandas as pd
 
-    from udasa_lib.pipeline import EVAL_STAGES
+    from udasa_lib.pipeline import EVAL_STAGES  # the stage registry: imported when called, not at import
 
     frames = []
     for stage in EVAL_STAGES:
@@ -216,29 +143,3 @@ def results_table(run_dir: Path):
         raise FileNotFoundError(f"{run_dir}: no evaluation stage has finished (no */{METRICS_FILE})")
     table = pd.concat(frames, ignore_index=True)[list(METRIC_FIELDS)]
     return table.sort_values(["task", "metric", "method"], kind="stable").reset_index(drop=True)
-
-
-def write_results_table(run_dir: Path) -> tuple[Path, Path]:
-    table = results_table(run_dir)
-    csv_path, json_path = Path(run_dir) / "results_table.csv", Path(run_dir) / "results_table.json"
-    atomic_write_text(csv_path, table.to_csv(index=False))
-    atomic_write_text(json_path, table.to_json(orient="records", indent=1))
-    return csv_path, json_path
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m udasa_lib.evaluate")
-    parser.add_argument("command", choices=["table"])
-    parser.add_argument("--run-dir", required=True)
-    args = parser.parse_args(argv)
-    try:
-        csv_path, _ = write_results_table(Path(args.run_dir))
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"results table: {csv_path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

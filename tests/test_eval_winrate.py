@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from udasa_lib import winrate
+from udasa_lib import eval_winrate as winrate
 from udasa_lib.stats import bootstrap_ci, bootstrap_mean_ci
-from udasa_lib.winrate import LocalJudge, length_preferences, win_rate
+from udasa_lib.eval_winrate import LocalJudge, length_preferences, win_rate
 
 TABLE = [1, 2, 2, 1.5, 2, 1, 2]  # 4 policy wins, 2 base wins, 1 draw
 

@@ -1,0 +1,93 @@
+"""Stage 05_eval_sentiment: controlled sentiment generation (DPO paper, App. C).
+
+Every sentiment policy continues held-out IMDb prefixes (`eval_sentiment.samples_per_prompt`
+samples each, at `eval_sentiment.temperature`; 0 = greedy). Per sample: the ground-truth reward
+P(positive) of prefix + continuation from the classifier fitted in 00_data (kept apart from
+training), and log pi(y|x) - log pi_ref(y|x) teacher-forced on the generated ids, whose mean
+is the sequence-level KL(pi || pi_ref) with pi_ref = base. Intervals resample prefixes (the
+samples of one prefix are averaged first).
+"""
+from __future__ import annotations
+
+from udasa_lib import metrics, policies
+from udasa_lib.generation import encode_prompt
+from udasa_lib.io import read_jsonl
+
+GENERATIONS_DIR = "generations"
+FIGURE_FILE = "reward_kl.png"
+
+
+def run_eval_sentiment(run) -> dict:
+    """Generate (or reuse) and score every policy's continuations; write metrics and the figure.
+    Returns {"rows": metric rows, "policies": names, "samples": n, "reward_model": its metrics}."""
+    from udasa_lib.models import configure_threads, load_causal_lm
+    from udasa_lib.sentiment_reward import SentimentReward
+
+    cfg, params = run.config, run.config.eval_sentiment
+    configure_threads(cfg.runtime.threads)
+    data_dir = run.upstream["00_data"]
+    prefixes = read_jsonl(data_dir / "sentiment_test.jsonl", {"id": str, "text": str})
+    if len(prefixes) < params.prompts:
+        raise ValueError(f"eval_sentiment.prompts: sentiment_test has {len(prefixes)} prefixes, "
+                         f"{params.prompts} requested")
+    prompts = [r for r in prefixes[:params.prompts] for _ in range(params.samples_per_prompt)]
+    reward_model = SentimentReward.load(data_dir / "sentiment_reward.joblib")
+    model, tokenizer = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, cfg.runtime.device)
+    policy_set = policies.PolicySet(model, policies.policy_adapters(run, "sentiment"))
+    prompt_ids = [encode_prompt(tokenizer, r["text"]) for r in prompts]  # raw prefixes, fed as 01_sample feeds them
+
+    def continuations(name, policy):
+        outputs = policies.generate(policy, tokenizer, prompt_ids, max_new_tokens=params.max_new_tokens,
+                                    batch_size=params.batch_size, temperature=params.temperature, seed=cfg.seed,
+                                    desc=name)
+        completions = [o["token_ids"] for o in outputs]
+        logp_policy = policies.sequence_logprobs(policy, tokenizer, prompt_ids, completions, params.batch_size)
+        with policy_set.use(policies.BASE) as reference:
+            logp_reference = policies.sequence_logprobs(reference, tokenizer, prompt_ids, completions,
+                                                        params.batch_size)
+        reviews = [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompt_ids, completions)]
+        rewards = reward_model.reward(reviews)
+        return [{"id": r["id"], "prefix": r["text"], "continuation": o["text"], "token_ids": o["token_ids"],
+                 "logp_policy": float(lp), "logp_reference": float(lr), "log_ratio": float(lp - lr),
+                 "reward": float(rw)}
+                for r, o, lp, lr, rw in zip(prompts, outputs, logp_policy, logp_reference, rewards)]
+
+    generations = policies.for_each_policy(policy_set, run.dir / GENERATIONS_DIR, continuations)
+    rows = []
+    for name, records in generations.items():
+        for metric, field in (("reward", "reward"), ("kl", "log_ratio")):
+            rows.append(metrics.metric_row("sentiment", name, metric, metrics.per_prompt_means(records, field),
+                                           run.name, cfg.bootstrap_samples, cfg.seed))
+    metrics.write_metrics(run.dir / metrics.METRICS_FILE, rows)
+    run.add_to_manifest(reward_model=reward_model.metrics, samples=len(prompts))
+    plot_reward_kl(rows, policy_set.names, run.dir / FIGURE_FILE)
+    return {"rows": rows, "policies": policy_set.names, "samples": len(prompts), "reward_model": reward_model.metrics}
+
+
+def plot_reward_kl(rows: list[dict], names: list[str], path) -> None:
+    """Reward against KL per policy, both with their 95 % intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from udasa_lib.io import atomic_save_figure
+
+    table = pd.DataFrame(rows)
+    wide = table.pivot(index="method", columns="metric", values=["value", "ci_low", "ci_high"]).loc[names]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name in names:
+        row = wide.loc[name]
+        ax.errorbar(row[("value", "kl")], row[("value", "reward")],
+                    xerr=[[row[("value", "kl")] - row[("ci_low", "kl")]], [row[("ci_high", "kl")] - row[("value", "kl")]]],
+                    yerr=[[row[("value", "reward")] - row[("ci_low", "reward")]],
+                          [row[("ci_high", "reward")] - row[("value", "reward")]]],
+                    fmt="o", label=name, capsize=2)
+    ax.set_xlabel("KL(π || π_ref), nats per sequence")
+    ax.set_ylabel("ground-truth reward P(positive)")
+    ax.legend(fontsize=7)
+    ax.set_title("controlled sentiment, 95 % CI")
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
+    plt.close(fig)
