@@ -1,7 +1,8 @@
 """00_data: seeded splits are disjoint, deterministic, stratified; bad sources name their line."""
 import pytest
 
-from udasa_lib import config, data, splits
+from udasa_lib import config, data
+from udasa_lib.splits import stratified_split
 
 from conftest import SMOKE_CONFIG
 
@@ -52,7 +53,7 @@ def test_sizes_and_sources(splits):
 
 def test_stratified_split_holds_out_each_stratum():
     records = [{"id": f"{c}{i}", "text": f"{c}{i}", "c": c} for c in "ab" for i in range(10)]
-    train, test = splits.stratified_split(records, "c", 0.3, seed=0)
+    train, test = stratified_split(records, "c", 0.3, seed=0)
     assert sorted(r["c"] for r in test) == ["a"] * 3 + ["b"] * 3
     assert len(train) == 14 and not {r["id"] for r in train} & {r["id"] for r in test}
 

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from udasa_lib import metrics, policies, sweep
+from udasa_lib import metrics, sweep
+from udasa_lib.policies import PolicySet, generate, sequence_logprobs
 from udasa_lib.config import ConfigError
 from udasa_lib.io import atomic_write_jsonl
 
@@ -34,7 +35,7 @@ def policy_set(tiny_model_path, two_adapters):
     from udasa_lib.models import load_causal_lm
 
     model, tokenizer = load_causal_lm(str(tiny_model_path), "float32", "cpu")
-    return policies.PolicySet(model, {"base": None, **two_adapters}), tokenizer
+    return PolicySet(model, {"base": None, **two_adapters}), tokenizer
 
 
 TEXTS = ["The movie was", "I think this film", "Honestly, the acting"]
@@ -77,13 +78,13 @@ def test_policy_set_switches_adapters_and_base_is_the_plain_model(policy_set, ti
 def test_kl_of_a_policy_against_itself_is_zero(policy_set, prompt_ids):
     policies, tokenizer = policy_set
     with policies.use("first") as model:
-        samples = policies.generate(model, tokenizer, prompt_ids, max_new_tokens=6, batch_size=2, temperature=1.0,
+        samples = generate(model, tokenizer, prompt_ids, max_new_tokens=6, batch_size=2, temperature=1.0,
                                     seed=3)
         completions = [s["token_ids"] for s in samples]
-        logp_policy = policies.sequence_logprobs(model, tokenizer, prompt_ids, completions, batch_size=2)
-        logp_again = policies.sequence_logprobs(model, tokenizer, prompt_ids, completions, batch_size=3)
+        logp_policy = sequence_logprobs(model, tokenizer, prompt_ids, completions, batch_size=2)
+        logp_again = sequence_logprobs(model, tokenizer, prompt_ids, completions, batch_size=3)
     with policies.use("base") as model:
-        logp_reference = policies.sequence_logprobs(model, tokenizer, prompt_ids, completions)
+        logp_reference = sequence_logprobs(model, tokenizer, prompt_ids, completions)
     np.testing.assert_allclose(logp_policy - logp_again, 0.0, atol=1e-4)  # batching must not change it
     assert np.abs(logp_policy - logp_reference).max() > 1e-3  # a different policy is not zero
 
@@ -94,7 +95,7 @@ def test_sequence_logprobs_equal_a_manual_teacher_forced_sum(policy_set, prompt_
     policies, tokenizer = policy_set
     completion = tokenizer(" great fun", add_special_tokens=False)["input_ids"]
     with policies.use("second") as model:
-        got = policies.sequence_logprobs(model, tokenizer, prompt_ids[:2], [completion, completion[:1]])
+        got = sequence_logprobs(model, tokenizer, prompt_ids[:2], [completion, completion[:1]])
         prompt = prompt_ids[0]
         ids = torch.tensor([prompt + completion])
         with torch.inference_mode():
@@ -106,10 +107,10 @@ def test_sequence_logprobs_equal_a_manual_teacher_forced_sum(policy_set, prompt_
 def test_seeded_sampling_repeats_and_greedy_is_deterministic(policy_set, prompt_ids):
     policies, tokenizer = policy_set
     with policies.use("first") as model:
-        a = policies.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=2, temperature=1.0, seed=1)
-        b = policies.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=2, temperature=1.0, seed=1)
-        g1 = policies.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=3)
-        g2 = policies.generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=1)
+        a = generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=2, temperature=1.0, seed=1)
+        b = generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=2, temperature=1.0, seed=1)
+        g1 = generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=3)
+        g2 = generate(model, tokenizer, prompt_ids, max_new_tokens=5, batch_size=1)
     assert a == b
     assert [g["token_ids"] for g in g1] == [g["token_ids"] for g in g2]
 
