@@ -7,7 +7,8 @@ import math
 import pytest
 
 from conftest import SMOKE_CONFIG
-from udasa_lib import pipeline, train
+from udasa_lib import pipeline, train, ual
+from udasa_lib.trainers import UALDPOTrainer, UALSFTTrainer
 
 ALL_METHODS = list(train.METHODS)
 
@@ -16,16 +17,16 @@ ALL_METHODS = list(train.METHODS)
 
 def test_epsilons_hit_the_target_mean_and_grow_with_uncertainty():
     u = [0.0, 0.1, 0.5, 0.9, 1.0]
-    eps = train.ual_epsilons(u, mean_epsilon=0.1, slope=0.2, low=0.0, high=0.4)
+    eps = ual.ual_epsilons(u, mean_epsilon=0.1, slope=0.2, low=0.0, high=0.4)
     assert sum(eps) / len(eps) == pytest.approx(0.1, abs=1e-9)
     assert eps == sorted(eps) and eps[0] < eps[-1]
-    flipped = train.ual_epsilons(u, 0.1, 0.2, 0.0, 0.4, direction="certain_smoother")
+    flipped = ual.ual_epsilons(u, 0.1, 0.2, 0.0, 0.4, direction="certain_smoother")
     assert flipped == sorted(flipped, reverse=True)
 
 
 def test_epsilons_are_clipped_and_still_average_to_the_target():
     u = [0.0] * 9 + [1.0]
-    eps = train.ual_epsilons(u, mean_epsilon=0.1, slope=5.0, low=0.0, high=0.3)
+    eps = ual.ual_epsilons(u, mean_epsilon=0.1, slope=5.0, low=0.0, high=0.3)
     assert max(eps) == pytest.approx(0.3) and min(eps) >= 0.0
     assert sum(eps) / len(eps) == pytest.approx(0.1, abs=1e-9)
     # hand-computed: one sample at the cap 0.3, the other nine share 0.7 / 9
@@ -34,9 +35,9 @@ def test_epsilons_are_clipped_and_still_average_to_the_target():
 
 def test_epsilon_knobs_are_checked():
     with pytest.raises(ValueError, match="slope"):
-        train.ual_epsilons([0.5], 0.1, -1.0, 0.0, 0.4)
+        ual.ual_epsilons([0.5], 0.1, -1.0, 0.0, 0.4)
     with pytest.raises(ValueError, match="mean_epsilon"):
-        train.ual_epsilons([0.5], 0.5, 0.1, 0.0, 0.4)
+        ual.ual_epsilons([0.5], 0.5, 0.1, 0.0, 0.4)
 
 
 # --- the two losses against their formulas -------------------------------------------------
@@ -49,10 +50,7 @@ def test_dpo_loss_matches_the_formula_by_hand():
     beta = 0.5
     expected = [-(1 - e) * math.log(1 / (1 + math.exp(-beta * x))) - e * math.log(1 / (1 + math.exp(beta * x)))
                 for x, e in zip(h.tolist(), eps.tolist())]
-    assert train.ual_dpo_loss(h, beta, eps).item() == pytest.approx(sum(expected) / 3, rel=1e-6)
-    weights = torch.tensor([1.0, 0.0, 3.0])
-    assert train.ual_dpo_loss(h, beta, eps, weights).item() == pytest.approx(
-        (expected[0] + 3 * expected[2]) / 4, rel=1e-6)
+    assert ual.ual_dpo_loss(h, beta, eps).item() == pytest.approx(sum(expected) / 3, rel=1e-6)
 
 
 def test_sft_loss_matches_torch_label_smoothing_at_constant_epsilon():
@@ -65,7 +63,7 @@ def test_sft_loss_matches_torch_label_smoothing_at_constant_epsilon():
     labels[:, :3] = -100  # the prompt
     labels[1, 5:] = -100  # padding
     for eps in (0.0, 0.2):
-        ours = train.ual_sft_loss(logits, labels, torch.full((3,), eps))
+        ours = ual.ual_sft_loss(logits, labels, torch.full((3,), eps))
         reference = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100,
                                     label_smoothing=eps)
         assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
@@ -95,7 +93,6 @@ def _dpo_trainer(tiny_model_path, tmp_path, epsilon):
     model, tokenizer, cfg = _tiny_peft(tiny_model_path)
     records = [{**p, train.EPSILON_KEY: epsilon} for p in PAIRS]
     args = train._trainer_args(cfg, "unstaged", tmp_path, "dpo", "cpu", False)
-    UALDPOTrainer, _ = train._make_trainer_classes()
     trainer = UALDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(records),
                             processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -132,7 +129,7 @@ def test_dpo_hook_equals_trl_at_zero_epsilon_and_the_formula_otherwise(tiny_mode
         chosen, rejected = (policy - reference).chunk(2)
         epsilon = torch.linspace(0.1, 0.3, chosen.numel())
         smoothed = trainer.compute_loss(model, {**batch, train.EPSILON_KEY: epsilon})
-        expected = train.ual_dpo_loss(chosen - rejected, trainer.beta, epsilon)
+        expected = ual.ual_dpo_loss(chosen - rejected, trainer.beta, epsilon)
         assert abs(expected.item() - trl_loss.item()) > 1e-4, "the test needs a non-zero margin"
         assert smoothed.item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -144,7 +141,6 @@ def test_sft_hook_equals_trl_at_zero_epsilon(tiny_model_path, tmp_path):
     model, tokenizer, cfg = _tiny_peft(tiny_model_path)
     records = [{"prompt": p["prompt"], "completion": p["chosen"], train.EPSILON_KEY: 0.0} for p in PAIRS]
     args = train._trainer_args(cfg, "unstaged", tmp_path, "sft", "cpu", False)
-    _, UALSFTTrainer = train._make_trainer_classes()
     trainer = UALSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
     assert train.EPSILON_KEY in batch
@@ -190,10 +186,12 @@ def test_every_method_trains_saves_and_reloads(staged_smoke, tiny_model_path, me
     lora_b = [w for name, w in weights.items() if "lora_B" in name]
     assert lora_b and any(w.abs().max() > 0 for w in lora_b), "LoRA B starts at zero; training must move it"
 
-    policy, tokenizer = train.load_policy(stage.dir, str(tiny_model_path), "float32", "cpu")
     from udasa_lib.models import load_causal_lm
+    from udasa_lib.policies import PolicySet
 
-    base, _ = load_causal_lm(str(tiny_model_path), "float32", "cpu")
+    base, tokenizer = load_causal_lm(str(tiny_model_path), "float32", "cpu")
+    with PolicySet(base, {"trained": stage.dir / "adapters" / "final"}).use("trained") as merged:
+        policy = merged
     ids = tokenizer("hello there", return_tensors="pt").input_ids
     with torch.no_grad():
         assert not torch.allclose(policy(ids).logits, base(ids).logits)

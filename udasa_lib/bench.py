@@ -157,8 +157,9 @@ def bench_training(cfg: config_mod.Config, n_pairs: int) -> dict:
             args = train._trainer_args(cfg, train.UNSTAGED, REPO_ROOT / "results" / "bench" / "tmp", "dpo",
                                        base.device.type, base.dtype == torch.bfloat16)
             args.logging_steps = 10**6
-            trainer_cls, _ = train._make_trainer_classes()
-            trainer = trainer_cls(model=train._new_adapter(base, cfg), args=args, train_dataset=dataset,
+            from udasa_lib.trainers import UALDPOTrainer
+
+            trainer = UALDPOTrainer(model=train._new_adapter(base, cfg), args=args, train_dataset=dataset,
                                   processing_class=tokenizer, reference=cfg.train.reference)
         else:
             lora = cfg.train.lora

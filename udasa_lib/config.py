@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Mapping
 import yaml
 
 from udasa_lib.io import sha256_json
+from udasa_lib.methods import METHODS
 
 
 class ConfigError(ValueError):
@@ -149,10 +150,7 @@ class StageConfig:
     truncated: dict[str, Literal["keep", "drop"]]
 
 
-TRAIN_METHODS = ("sft", "dpo", "udasa", "udasa_reverse", "ual_sft", "ual_dpo",
-                 "udasa_semantic", "udasa_factual", "udasa_value")
-TrainMethod = Literal["sft", "dpo", "udasa", "udasa_reverse", "ual_sft", "ual_dpo",
-                      "udasa_semantic", "udasa_factual", "udasa_value"]
+TrainMethod = Literal[tuple(METHODS)]  # the names of udasa_lib.methods, the one method list
 
 
 @dataclass(frozen=True)

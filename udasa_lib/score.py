@@ -372,6 +372,23 @@ def load_principles(path: str) -> dict[str, str]:
     return principles
 
 
+def score_with_config(records: list[dict], run, progress: bool = True) -> tuple[list[dict], dict]:
+    """score_samples with the scorers `run.config.score` names: the harm probe fitted by the run's
+    00_data when a task uses it, the principles file for self_judge. 02_score and the on-policy
+    rounds of 04_train both score this way."""
+    from udasa_lib.data import HARM_PROBE_FILE, HARM_PROBE_METRICS
+    from udasa_lib.value_probe import HarmProbe
+
+    cfg = run.config
+    uses_probe = "harm_probe" in cfg.score.value.scorers.values()
+    harm_probe = HarmProbe.load(run.upstream["00_data"] / HARM_PROBE_FILE) if uses_probe else None
+    scored, report = score_samples(records, cfg.score, cfg.model, cfg.runtime,
+                                   load_principles(cfg.score.value.principles), harm_probe, progress=progress)
+    if uses_probe:
+        report["scorers"]["harm_probe"] = json.loads((run.upstream["00_data"] / HARM_PROBE_METRICS).read_text())
+    return scored, report
+
+
 def run_scoring(stage) -> dict:
     """02_score: score every response of 01_sample, write scores.jsonl and scorers.json."""
     from udasa_lib.io import atomic_write_json, atomic_write_jsonl
@@ -379,17 +396,8 @@ def run_scoring(stage) -> dict:
     from udasa_lib.sample import SAMPLES_FILE, load_samples
 
     configure_threads(stage.config.runtime.threads)
-    from udasa_lib.data import HARM_PROBE_FILE, HARM_PROBE_METRICS
-    from udasa_lib.value_probe import HarmProbe
-
     records = load_samples(stage.upstream["01_sample"] / SAMPLES_FILE)
-    probe_path = stage.upstream["00_data"] / HARM_PROBE_FILE
-    uses_probe = "harm_probe" in stage.config.score.value.scorers.values()
-    harm_probe = HarmProbe.load(probe_path) if uses_probe else None
-    scored, report = score_samples(records, stage.config.score, stage.config.model, stage.config.runtime,
-                                   load_principles(stage.config.score.value.principles), harm_probe)
-    if uses_probe:
-        report["scorers"]["harm_probe"] = json.loads((stage.upstream["00_data"] / HARM_PROBE_METRICS).read_text())
+    scored, report = score_with_config(records, stage)
     atomic_write_jsonl(stage.dir / SCORES_FILE, scored)
     atomic_write_json(stage.dir / "scorers.json", report)
     stage.add_to_manifest(scorers=report["scorers"], seconds=report["seconds"])

@@ -15,9 +15,10 @@ one stage to the next; the DPO reference is pi_0 (adapter disabled, `reference: 
 frozen copy of the adapter as it was when the stage started (`reference: previous`, which is
 what trl does by itself when handed a model that already has an adapter).
 
-The only code that replaces trl's is the per-sample loss for UAL: trl's sigmoid loss has no
-label smoothing, and no per-sample weight, so the subclasses below recompute the loss from the
-log-probs trl has just computed (caught with a forward hook, no extra forward pass).
+trl is handed the token ids that were sampled (`training_records`). Its trainers, with the
+two hooks this project needs (token-exact DPO data, UAL's per-sample smoothing), are in
+`udasa_lib/trainers.py`; UAL's math is in `udasa_lib/ual.py`; on-policy rounds in
+`udasa_lib/on_policy.py`.
 """
 from __future__ import annotations
 
@@ -27,234 +28,20 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from udasa_lib.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, sha256_file
+from udasa_lib.methods import METHODS, UNSTAGED, MethodSpec
+from udasa_lib.trainers import EPSILON_KEY, TrainingError
+from udasa_lib.ual import ual_epsilons
 
 PAIRS_FILES = {"combined": "pairs.jsonl", "semantic": "pairs_semantic.jsonl", "factual": "pairs_factual.jsonl",
                "value": "pairs_value.jsonl"}
-UNSTAGED = "unstaged"
 PHASE_DONE = "phase.json"
 CURVES_FILE = "curves.csv"
 CURVES_FIGURE = "curves.png"
 TRAIN_LOG = "train_log.json"
-EPSILON_KEY = "ual_epsilon"
-# trl's tokenised record columns per objective: what training_records builds from the sampled ids
-TOKEN_COLUMNS = {"dpo": {"prompt_ids", "chosen_ids", "rejected_ids"}, "sft": {"input_ids", "completion_mask"}}
-WEIGHT_KEY = "sample_weight"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or diverged; the message names the stage and the cause."""
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    objective: str  # "sft" | "dpo"
-    pair_set: str  # key of PAIRS_FILES
-    staged: bool
-    reverse: bool = False
-    smoothing: bool = False  # UAL per-sample label smoothing
-
-    def phases(self, order: Sequence[str]) -> list[str]:
-        if not self.staged:
-            return [UNSTAGED]
-        return list(reversed(order)) if self.reverse else list(order)
-
-
-METHODS: dict[str, MethodSpec] = {
-    "sft": MethodSpec("sft", "combined", staged=False),
-    "dpo": MethodSpec("dpo", "combined", staged=False),
-    "udasa": MethodSpec("dpo", "combined", staged=True),
-    "udasa_reverse": MethodSpec("dpo", "combined", staged=True, reverse=True),
-    "ual_sft": MethodSpec("sft", "combined", staged=False, smoothing=True),
-    "ual_dpo": MethodSpec("dpo", "combined", staged=False, smoothing=True),
-    "udasa_semantic": MethodSpec("dpo", "semantic", staged=True),
-    "udasa_factual": MethodSpec("dpo", "factual", staged=True),
-    "udasa_value": MethodSpec("dpo", "value", staged=True),
-}
-
-
-# --- UAL: per-sample smoothing values and the two losses ------------------------------------
-
-def ual_epsilons(uncertainty: Sequence[float], mean_epsilon: float, slope: float, low: float, high: float,
-                 direction: str = "uncertain_smoother") -> list[float]:
-    """epsilon_i = clip(a + slope * u_i, low, high), with a solved (bisection) so the mean is
-    `mean_epsilon`. `certain_smoother` flips u to 1 - u."""
-    if not uncertainty:
-        return []
-    if slope < 0:
-        raise ValueError(f"train.ual.slope must be >= 0 (the direction knob flips it), got {slope}")
-    if not low <= mean_epsilon <= high:
-        raise ValueError(f"train.ual.mean_epsilon {mean_epsilon} is outside [{low}, {high}]")
-    u = [1.0 - x if direction == "certain_smoother" else x for x in uncertainty]
-
-    def values(a: float) -> list[float]:
-        return [min(high, max(low, a + slope * x)) for x in u]
-
-    lo_a, hi_a = low - slope * max(u), high - slope * min(u)
-    for _ in range(200):  # the clipped mean is monotone in a
-        mid = (lo_a + hi_a) / 2
-        if sum(values(mid)) / len(u) < mean_epsilon:
-            lo_a = mid
-        else:
-            hi_a = mid
-    return values((lo_a + hi_a) / 2)
-
-
-def ual_dpo_loss(logratio_margin, beta: float, epsilon, weight=None):
-    """Per-sample conservative DPO (docs/method.md): -(1-e) log s(b h) - e log s(-b h), weighted mean.
-    `logratio_margin` h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))."""
-    import torch.nn.functional as F
-
-    logits = beta * logratio_margin
-    per_pair = -(1 - epsilon) * F.logsigmoid(logits) - epsilon * F.logsigmoid(-logits)
-    if weight is None:
-        return per_pair.mean()
-    return (weight * per_pair).sum() / weight.sum()
-
-
-def ual_sft_loss(logits, labels, epsilon, weight=None, num_tokens=None):
-    """Token-level cross-entropy with per-sample label smoothing (torch's definition: mass e spread
-    uniformly over the vocabulary), averaged over the batch's completion tokens."""
-    import torch
-    import torch.nn.functional as F
-
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != -100
-    log_probs = F.log_softmax(shift_logits, dim=-1)
-    nll = -log_probs.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    uniform = -log_probs.mean(dim=-1)
-    eps = epsilon.to(log_probs.dtype).unsqueeze(1)
-    per_token = (1 - eps) * nll + eps * uniform
-    if weight is not None:
-        per_token = per_token * weight.to(per_token.dtype).unsqueeze(1)
-        return (per_token * mask).sum() / (mask * weight.unsqueeze(1)).sum().clamp(min=1e-12)
-    # num_tokens: the target tokens of the whole accumulated batch (transformers' num_items_in_batch),
-    # so gradient accumulation sums micro-batches into one token mean, as trl's own SFT loss does
-    denominator = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=mask.device)
-    return (per_token * mask).sum() / denominator.clamp(min=1)
-
-
-# --- trl subclasses: the smallest hooks ------------------------------------------------------
-
-def _finite_or_raise(loss, where: str, step: int):
-    import torch
-
-    if not torch.isfinite(loss.detach()).all():
-        raise TrainingError(f"{where}: loss is {loss.item()} at step {step}; stopping (no manifest written)")
-    return loss
-
-
-def _make_trainer_classes():
-    """Built lazily so importing this module does not import torch/trl."""
-    from trl import DPOTrainer, SFTTrainer
-
-    class _SampleFieldsMixin:
-        """Keep the per-sample columns through trl's column pruning and collator."""
-
-        sample_keys = (EPSILON_KEY, WEIGHT_KEY)
-        stage_label = "04_train"
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            self._signature_columns = list(self._signature_columns) + [
-                k for k in self.sample_keys if k not in self._signature_columns]
-
-        def _wrap_collator(self):
-            inner = self.data_collator
-
-            def collate(examples):
-                import torch
-
-                extra = {k: torch.tensor([float(e.pop(k)) for e in examples]) for k in self.sample_keys
-                         if k in examples[0]}
-                batch = inner(examples)
-                batch.update(extra)
-                return batch
-
-            self.data_collator = collate
-
-    class UALDPOTrainer(_SampleFieldsMixin, DPOTrainer):
-        """DPOTrainer whose sigmoid loss takes a per-sample epsilon and weight from the batch."""
-
-        def __init__(self, *args, reference: str = "initial", **kwargs):
-            super().__init__(*args, **kwargs)
-            self._wrap_collator()
-            if reference == "initial" and "ref" in getattr(self.model, "peft_config", {}):
-                # trl made a frozen copy of the current adapter as reference; pi_0 is the base model
-                self.model.delete_adapter("ref")
-                self.model.set_adapter("default")
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            """Token-exact pairs pass through untouched: trl's text path would re-tokenise prompt +
-            completion as one string and append an EOS to every completion, cut ones included."""
-            if TOKEN_COLUMNS["dpo"] <= set(dataset.column_names):
-                return dataset
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-        def _compute_loss(self, model, inputs, return_outputs):
-            import torch
-
-            epsilon = inputs.pop(EPSILON_KEY, None)
-            weight = inputs.pop(WEIGHT_KEY, None)
-            if epsilon is None and weight is None:
-                result = super()._compute_loss(model, inputs, return_outputs)
-                _finite_or_raise(result[0] if return_outputs else result, self.stage_label, self.state.global_step)
-                return result
-            if self.loss_types != ["sigmoid"] or self.ld_alpha is not None or self.f_divergence_type != "reverse_kl":
-                raise TrainingError("per-sample smoothing is defined for the plain sigmoid DPO loss only")
-            captured: list = []
-            target = self.accelerator.unwrap_model(model)
-            handle = target.register_forward_hook(lambda _m, _a, out: captured.append(out.log_probs))
-            try:
-                trl_loss = super()._compute_loss(model, inputs, return_outputs)
-            finally:
-                handle.remove()
-            mask = inputs["completion_mask"][:, 1:]
-            seq_len = mask.size(1)
-            policy = (captured[0][:, -seq_len:] * mask).sum(dim=1)
-            if self.precompute_ref_logps:
-                reference = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
-            else:
-                reference = (captured[1][:, -seq_len:] * mask).sum(dim=1).detach()
-            chosen, rejected = (policy - reference).chunk(2)
-            eps = epsilon if epsilon is not None else torch.zeros_like(chosen)
-            loss = ual_dpo_loss(chosen - rejected, self.beta, eps.to(chosen.dtype), weight)
-            loss = _finite_or_raise(loss, self.stage_label, self.state.global_step)
-            return (loss, trl_loss[1]) if return_outputs else loss
-
-    class UALSFTTrainer(_SampleFieldsMixin, SFTTrainer):
-        """SFTTrainer whose cross-entropy takes a per-sample label-smoothing value from the batch."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._wrap_collator()
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            epsilon = inputs.pop(EPSILON_KEY, None)
-            weight = inputs.pop(WEIGHT_KEY, None)
-            if epsilon is None and weight is None:
-                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-                _finite_or_raise(result[0] if return_outputs else result, self.stage_label, self.state.global_step)
-                return result
-            import torch
-
-            labels = inputs["labels"]
-            model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-            outputs = model(**model_inputs, use_cache=False)
-            eps = epsilon if epsilon is not None else torch.zeros(labels.size(0), device=labels.device)
-            loss = ual_sft_loss(outputs.logits, labels, eps, weight, num_tokens=num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                # num_items_in_batch counts every rank's tokens and DDP averages gradients (as in trl)
-                loss = loss * self.accelerator.num_processes
-            loss = _finite_or_raise(loss, self.stage_label, self.state.global_step)
-            return (loss, outputs) if return_outputs else loss
-
-    return UALDPOTrainer, UALSFTTrainer
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -333,49 +120,6 @@ def smoothing_for(rows: list[dict], spec: MethodSpec, ual) -> dict[str, float] |
     return {r["pair_id"]: e for r, e in zip(rows, values)}
 
 
-# --- on-policy rounds ---------------------------------------------------------------------------
-
-def resample_phase(stage, model, tokenizer, rows: list[dict], spec: MethodSpec, phase: str, index: int) -> tuple[list[dict], dict]:
-    """On-policy round: the current policy re-samples this stage's prompts (K responses each, the
-    01_sample settings), 02_score's scorers re-score them and 03_stage's rule re-pairs them; every
-    new pair stays in this stage. A self_judge value scorer is the configured judge (or pi_0)."""
-    from udasa_lib import sample, score
-    from udasa_lib.data import HARM_PROBE_FILE
-    from udasa_lib.generation import batch_seed
-    from udasa_lib import stage as staging
-    from udasa_lib.value_probe import HarmProbe
-
-    cfg = stage.config
-    task = rows[0]["task"]
-    task_cfg = cfg.sample.tasks[task]
-    started = time.time()
-    model.eval()
-    records = []
-    try:
-        for start in range(0, len(rows), cfg.sample.batch_prompts):
-            batch = rows[start: start + cfg.sample.batch_prompts]
-            generations = sample.generate_batch(
-                model, tokenizer, [r["prompt_token_ids"] for r in batch], k=cfg.sample.k,
-                temperature=cfg.sample.temperature, top_p=cfg.sample.top_p, top_k=cfg.sample.top_k,
-                max_new_tokens=task_cfg.max_new_tokens, seed=batch_seed(cfg.train.seed + 1000 * index, task, start))
-            records += [sample.sample_record(row["prompt_id"], task, row["prompt"], row["formatted_prompt"],
-                                             row["prompt_token_ids"], responses, f"{row['prompt_id']}-round{index}")
-                        for row, responses in zip(batch, generations)]
-    finally:
-        model.train()
-    scorers = cfg.score.value.scorers
-    probe = HarmProbe.load(stage.upstream["00_data"] / HARM_PROBE_FILE) if "harm_probe" in scorers.values() else None
-    scored, _ = score.score_samples(records, cfg.score, cfg.model, cfg.runtime,
-                                    score.load_principles(cfg.score.value.principles), probe, progress=False)
-    weights = cfg.stage.weights if spec.pair_set == "combined" else staging.ablation_weights(spec.pair_set)
-    pairs, dropped = staging.build_pairs(records, scored, weights, cfg.stage.rejected_strategy, cfg.stage.tie_epsilon,
-                                         (), cfg.train.seed, cfg.stage.truncated)
-    for pair in pairs:
-        pair["stage"] = phase
-    return pairs, {"prompts": len(records), "pairs": len(pairs), "dropped": dropped,
-                   "seconds": round(time.time() - started, 2)}
-
-
 # --- the stage ----------------------------------------------------------------------------------
 
 def _trainer_args(cfg, phase: str, output_dir: Path, objective: str, device: str, bf16: bool):
@@ -410,7 +154,8 @@ def build_trainer(model, tokenizer, records: list[dict], args, spec: MethodSpec,
     """The trl trainer of one stage on `training_records` output (token ids as sampled)."""
     from datasets import Dataset
 
-    UALDPOTrainer, UALSFTTrainer = _make_trainer_classes()
+    from udasa_lib.trainers import UALDPOTrainer, UALSFTTrainer
+
     dataset = Dataset.from_list(records)
     if spec.objective == "sft":
         return UALSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -451,6 +196,7 @@ def train_variant(stage, is_main_process: bool = True, world_size: int = 1) -> d
     from transformers import set_seed
 
     from udasa_lib.models import configure_threads, load_causal_lm, resolve_device, resolve_dtype
+    from udasa_lib.on_policy import resample_stage
 
     cfg = stage.config
     task, method = stage.variant.split("/")
@@ -491,7 +237,7 @@ def train_variant(stage, is_main_process: bool = True, world_size: int = 1) -> d
                      else _new_adapter(base, cfg))
         on_policy = None
         if cfg.train.on_policy and spec.staged and index > 0:
-            fresh, on_policy = resample_phase(stage, model, tokenizer, phase_rows(rows, phase), spec, phase, index)
+            fresh, on_policy = resample_stage(stage, model, tokenizer, phase_rows(rows, phase), spec, phase, index)
             atomic_write_jsonl(phase_dir.with_name(f"{phase_dir.name}_on_policy_pairs.jsonl"), fresh)
             records = training_records(fresh, spec, smoothing_for(fresh, spec, cfg.train.ual))
             if not records:
@@ -590,18 +336,6 @@ def _train(stage) -> dict:
         subprocess.run(command, check=True)
         return json.loads((stage.dir / TRAIN_LOG).read_text())
     return train_variant(stage)
-
-
-def load_policy(stage_dir: Path, name_or_path: str, dtype: str = "auto", device: str = "auto"):
-    """The trained policy of a 04_train folder: base model + its final adapter, merged for speed."""
-    from peft import PeftModel
-
-    from udasa_lib.models import load_causal_lm
-
-    base, tokenizer = load_causal_lm(name_or_path, dtype, device)
-    model = PeftModel.from_pretrained(base, Path(stage_dir) / "adapters" / "final").merge_and_unload()
-    model.eval()
-    return model, tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
