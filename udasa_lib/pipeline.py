@@ -129,7 +129,7 @@ STAGES: dict[str, StageSpec] = {
             code=("notebooks/05_eval_harmless.ipynb", "udasa_lib/assets.py", "udasa_lib/eval_harmless.py",
                   "udasa_lib/generation.py", "udasa_lib/io.py", "udasa_lib/methods.py",
                   "udasa_lib/metrics.py", "udasa_lib/models.py", "udasa_lib/policies.py",
-                  "udasa_lib/stats.py", "udasa_lib/value_probe.py"),
+                  "udasa_lib/splits.py", "udasa_lib/stats.py", "udasa_lib/value_probe.py"),
             products=("generations/*.jsonl", "metrics.jsonl"),
         ),
         StageSpec(
@@ -139,7 +139,8 @@ STAGES: dict[str, StageSpec] = {
             code=("notebooks/05_eval_winrate.ipynb", "udasa_lib/assets.py", "udasa_lib/eval_harmless.py",
                   "udasa_lib/eval_winrate.py", "udasa_lib/generation.py", "udasa_lib/io.py",
                   "udasa_lib/methods.py", "udasa_lib/metrics.py", "udasa_lib/models.py",
-                  "udasa_lib/policies.py", "udasa_lib/stats.py", "udasa_lib/value_probe.py"),
+                  "udasa_lib/policies.py", "udasa_lib/splits.py", "udasa_lib/stats.py",
+                  "udasa_lib/value_probe.py"),
             products=("metrics.jsonl", "annotations.jsonl"),
         ),
         StageSpec(
@@ -169,7 +170,8 @@ STAGES: dict[str, StageSpec] = {
             code=("notebooks/06_silhouette.ipynb", "udasa_lib/assets.py", "udasa_lib/eval_harmless.py",
                   "udasa_lib/generation.py", "udasa_lib/io.py", "udasa_lib/methods.py",
                   "udasa_lib/metrics.py", "udasa_lib/models.py", "udasa_lib/policies.py",
-                  "udasa_lib/silhouette.py", "udasa_lib/stats.py", "udasa_lib/value_probe.py"),
+                  "udasa_lib/silhouette.py", "udasa_lib/splits.py", "udasa_lib/stats.py",
+                  "udasa_lib/value_probe.py"),
             products=("silhouette.csv",),
         ),
         StageSpec(
@@ -224,17 +226,10 @@ def variants(config: config_mod.Config, stage: str) -> list[str]:
         return [""]
     names = [""]
     for key in spec.variants:
-        value = _dotted(config, key)
+        value = config_mod.dotted_get(config, key)
         items = [f"{k}/{v}" for k, vs in value.items() for v in vs] if isinstance(value, Mapping) else list(value)
         names = [f"{prefix}/{v}" if prefix else v for prefix in names for v in items]
     return names
-
-
-def _dotted(config: config_mod.Config, dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
 
 
 def _check_variant(config: config_mod.Config, stage: str, variant: str) -> None:

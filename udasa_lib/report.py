@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 
 from udasa_lib import REPO_ROOT
+from udasa_lib.config import dotted_get
 from udasa_lib.metrics import interval_text
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_RUN = "supported", "not supported", "inconclusive at this size", "not run"
@@ -126,13 +127,6 @@ def claims_table(table: pd.DataFrame, prelim: dict | None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _dotted(config: dict, key: str) -> Any:
-    node: Any = config
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
 def inferred_choices_table(config: dict, path: Path = INFERRED_CHOICES_FILE) -> pd.DataFrame:
     entries = yaml.safe_load(Path(path).read_text())
     rows = []
@@ -142,7 +136,7 @@ def inferred_choices_table(config: dict, path: Path = INFERRED_CHOICES_FILE) -> 
             raise ValueError(f"{path}: entry {index} lacks {sorted(missing)}")
         for key in entry["keys"]:
             try:
-                value = _dotted(config, key)
+                value = dotted_get(config, key)
             except (KeyError, TypeError):
                 raise ValueError(f"{path}: entry {index} ({entry['choice']}): {key!r} is not a config key") from None
             rows.append({"choice": entry["choice"], "knob": key, "value": json.dumps(value), "why": entry["why"]})

@@ -15,13 +15,13 @@ evaluation stages may import this module; scoring and staging use their own valu
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from udasa_lib.io import atomic_write_with
 
 FORMAT = "udasa-sentiment-reward/1"  # bumped if the saved payload changes shape
 
@@ -71,17 +71,7 @@ class SentimentReward:
         stable_metrics = {k: v for k, v in (self.metrics or {}).items() if not k.endswith("seconds")}
         payload = {"format": FORMAT, "pipeline": self.pipeline, "metrics": stable_metrics,
                    "sklearn_version": sklearn.__version__}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                joblib.dump(payload, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_with(path, lambda handle: joblib.dump(payload, handle), binary=True)
         return path
 
     @classmethod

@@ -1,9 +1,15 @@
-"""Seeded train/test splits: a leaf module, so the data stage and the reward model that both split
-records need not import each other."""
+"""Seeded train/test splits and the text key that decides when two texts are the same prompt:
+a leaf module, so the data stage, the harm probe and the reward model need not import each other."""
 from __future__ import annotations
 
 import random
+import re
 from collections import defaultdict
+
+
+def normalise(text: str) -> str:
+    """Whitespace folded, trimmed, lower case: the identity of a prompt for deduplication and disjointness."""
+    return re.sub(r"\s+", " ", text or "").strip().lower()
 
 
 def stratified_split(records: list[dict], by: str, test_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

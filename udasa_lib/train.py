@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from udasa_lib.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, sha256_file
+from udasa_lib.io import atomic_folder, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, sha256_file
 from udasa_lib.methods import METHODS, UNSTAGED, MethodSpec
 from udasa_lib.trainers import EPSILON_KEY, TrainingError
 from udasa_lib.ual import ual_epsilons
@@ -272,11 +272,8 @@ def train_variant(stage, is_main_process: bool = True, world_size: int = 1) -> d
         del trainer
     if is_main_process:
         final = adapters / "final"
-        staging = adapters / ".final.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(adapters / f"{len(phases)}_{phases[-1]}", staging, ignore=shutil.ignore_patterns(PHASE_DONE))
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
+        with atomic_folder(final) as staging:
+            shutil.copytree(adapters / f"{len(phases)}_{phases[-1]}", staging, ignore=shutil.ignore_patterns(PHASE_DONE))
         _write_curves(stage.dir / CURVES_FILE, curves)
         log["adapter_sha256"] = adapter_hash(final)
         atomic_write_json(stage.dir / TRAIN_LOG, log)

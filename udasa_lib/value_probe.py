@@ -60,7 +60,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -70,7 +69,8 @@ import numpy as np
 import yaml
 
 from udasa_lib.assets import assets_dir, package_file
-from udasa_lib.io import atomic_write_json
+from udasa_lib.io import atomic_write_json, atomic_write_with
+from udasa_lib.splits import normalise
 
 FORMAT_VERSION = 1  # of what HarmProbe.save writes; bump when it changes
 DATASETS = "pyrit/datasets"
@@ -114,10 +114,6 @@ class ProbeDataError(ValueError):
 def probe_inputs(prompt: str | None, response: str | None) -> tuple[str, str]:
     """The (prompt, response) texts the embedder sees, for fitting and scoring alike."""
     return (prompt or "").strip(), (response or "").strip()
-
-
-def normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text or "").strip().lower()
 
 
 # ----------------------------------------------------------------------------- data
@@ -383,17 +379,7 @@ class HarmProbe:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                joblib.dump(self.classifier, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_with(path, lambda handle: joblib.dump(self.classifier, handle), binary=True)
         atomic_write_json(meta_path(path), {
             "format_version": FORMAT_VERSION, "classifier_file": path.name, "embedder": self.embedder_path,
             "prompt_tokens": PROMPT_TOKENS, "response_tokens": RESPONSE_TOKENS,
