@@ -112,7 +112,7 @@ def bench_scoring(cfg: config_mod.Config, config_path: str, batched_tokens_per_s
     records = load_samples(sample_dir / SAMPLES_FILE)
     tokens = sum(len(r["token_ids"]) for record in records for r in record["responses"])
     sampling_s = tokens / batched_tokens_per_s if batched_tokens_per_s else recorded_s
-    from udasa_lib.data import HARM_PROBE_FILE
+    from udasa_lib.value_probe import HARM_PROBE_FILE
     from udasa_lib.value_probe import HarmProbe
 
     started = time.perf_counter()

@@ -201,8 +201,8 @@ def write_splits(splits: dict[str, list[dict]], out_dir: Path) -> list[dict]:
 
 
 SENTIMENT_REWARD_FILE = "sentiment_reward.joblib"
-HARM_PROBE_FILE = "harm_probe.joblib"  # the alignment task's value scorer: it depends on data, not on samples
-HARM_PROBE_METRICS = "harm_probe_metrics.json"
+TRUTHFUL_FILE = "truthful_mc.jsonl"  # one of the splits: multiple-choice questions for 05_eval_lmeval
+
 
 
 def fit_reference_models(splits: dict[str, list[dict]], cfg, out_dir: Path) -> dict:
@@ -214,7 +214,7 @@ def fit_reference_models(splits: dict[str, list[dict]], cfg, out_dir: Path) -> d
     Returns the held-out metrics of both.
     """
     from udasa_lib.sentiment_reward import fit_sentiment_reward
-    from udasa_lib.value_probe import fit_probe, load_probe_examples
+    from udasa_lib.value_probe import HARM_PROBE_FILE, HARM_PROBE_METRICS, fit_probe, load_probe_examples
 
     reward, reward_metrics = fit_sentiment_reward(splits["sentiment_classifier"], seed=cfg.split_seed)
     reward.save(out_dir / SENTIMENT_REWARD_FILE)

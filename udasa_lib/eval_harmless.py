@@ -40,7 +40,7 @@ def run_eval_harmless(run) -> dict:
     import json
 
     from udasa_lib.models import configure_threads, load_causal_lm
-    from udasa_lib.value_probe import HarmProbe
+    from udasa_lib.value_probe import HARM_PROBE_FILE, HARM_PROBE_METRICS, HarmProbe
 
     cfg, params = run.config, run.config.eval_harmless
     configure_threads(cfg.runtime.threads)
@@ -61,8 +61,8 @@ def run_eval_harmless(run) -> dict:
                 for r, f, p, o in zip(prompts, formatted, prompt_ids, outputs)]
 
     generations = policies.for_each_policy(policy_set, run.dir / GENERATIONS_DIR, answers)
-    probe = HarmProbe.load(data_dir / "harm_probe.joblib", cfg.data.probe_embedder)
-    probe_metrics = json.loads((data_dir / "harm_probe_metrics.json").read_text())
+    probe = HarmProbe.load(data_dir / HARM_PROBE_FILE, cfg.data.probe_embedder)
+    probe_metrics = json.loads((data_dir / HARM_PROBE_METRICS).read_text())
     scored, rows = [], []
     for name, records in generations.items():
         p_aligned = probe.score([r["prompt"] for r in records], [r["output"] for r in records])

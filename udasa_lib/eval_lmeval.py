@@ -148,13 +148,14 @@ def run_eval_lmeval(run) -> dict:
     Returns {"rows": metric rows (acc, acc_norm per task with a bootstrap CI over questions),
     "policies": names}."""
     from udasa_lib import metrics
+    from udasa_lib.data import TRUTHFUL_FILE
     from udasa_lib.io import read_jsonl
     from udasa_lib.models import configure_threads, resolve_device, resolve_dtype, resolve_name_or_path
     from udasa_lib.policies import policy_adapters
 
     cfg, params = run.config, run.config.eval_lmeval
     configure_threads(cfg.runtime.threads)
-    data_file = run.upstream["00_data"] / "truthful_mc.jsonl"
+    data_file = run.upstream["00_data"] / TRUTHFUL_FILE
     adapters = policy_adapters(run, "alignment")
     device = resolve_device(cfg.runtime.device)
     dtype = str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch.")

@@ -21,6 +21,7 @@ def run_eval_sentiment(run) -> dict:
     """Generate (or reuse) and score every policy's continuations; write metrics and the figure.
     Returns {"rows": metric rows, "policies": names, "samples": n, "reward_model": its metrics}."""
     from udasa_lib.models import configure_threads, load_causal_lm
+    from udasa_lib.data import SENTIMENT_REWARD_FILE
     from udasa_lib.sentiment_reward import SentimentReward
 
     cfg, params = run.config, run.config.eval_sentiment
@@ -31,7 +32,7 @@ def run_eval_sentiment(run) -> dict:
         raise ValueError(f"eval_sentiment.prompts: sentiment_test has {len(prefixes)} prefixes, "
                          f"{params.prompts} requested")
     prompts = [r for r in prefixes[:params.prompts] for _ in range(params.samples_per_prompt)]
-    reward_model = SentimentReward.load(data_dir / "sentiment_reward.joblib")
+    reward_model = SentimentReward.load(data_dir / SENTIMENT_REWARD_FILE)
     model, tokenizer = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, cfg.runtime.device)
     policy_set = policies.PolicySet(model, policies.policy_adapters(run, "sentiment"))
     prompt_ids = [encode_prompt(tokenizer, r["text"]) for r in prompts]  # raw prefixes, fed as 01_sample feeds them

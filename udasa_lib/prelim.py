@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+PRELIM_FILE = "prelim.json"
+
 
 def _cluster_bootstrap(groups: Sequence[str], statistic: Callable[[np.ndarray], float], n_boot: int,
                        seed: int) -> tuple[float, float]:
@@ -74,9 +76,10 @@ def run_preliminary_study(stage, task: str = "sentiment", n_boot: int = 1000) ->
     import pandas as pd
 
     from udasa_lib.io import atomic_write_json, read_jsonl
+    from udasa_lib.data import SENTIMENT_REWARD_FILE
     from udasa_lib.sentiment_reward import SentimentReward
 
-    reward = SentimentReward.load(stage.upstream["00_data"] / "sentiment_reward.joblib")
+    reward = SentimentReward.load(stage.upstream["00_data"] / SENTIMENT_REWARD_FILE)
     responses = pd.DataFrame(read_jsonl(stage.dir / "responses.jsonl"))
     responses = responses[responses["task"] == task].reset_index(drop=True)
     pairs = [p for p in read_jsonl(stage.dir / "pairs.jsonl") if p["task"] == task]
@@ -94,6 +97,6 @@ def run_preliminary_study(stage, task: str = "sentiment", n_boot: int = 1000) ->
                                                  reward.reward([p["rejected"] for p in pairs]), n_boot,
                                                  stage.config.seed),
     }
-    atomic_write_json(stage.dir / "prelim.json", result)
+    atomic_write_json(stage.dir / PRELIM_FILE, result)
     stage.add_to_manifest(preliminary_study=result)
     return {**result, "responses": responses}

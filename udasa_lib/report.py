@@ -203,15 +203,17 @@ def write_report(run) -> dict:
     Returns {"path", "claims", "wide": {task: table}, "inferred", "times"}."""
     import shutil
 
-    from udasa_lib import metrics, pipeline
+    from udasa_lib import metrics, pipeline, silhouette
+    from udasa_lib import stage as staging
+    from udasa_lib.prelim import PRELIM_FILE
     from udasa_lib.io import atomic_write_text
 
     run_dir = run.run_dir
     resolved = json.loads((run_dir / "config.json").read_text())
-    silhouette_ci = pd.read_csv(run.upstream["06_silhouette"] / "silhouette_ci.csv")
+    silhouette_ci = pd.read_csv(run.upstream["06_silhouette"] / silhouette.CI_FILE)
     table = pd.concat([metrics.results_table(run_dir), silhouette_rows(silhouette_ci)], ignore_index=True)
-    prelim = json.loads((run.upstream["03_stage"] / "prelim.json").read_text())
-    stage_summary = json.loads((run.upstream["03_stage"] / "summary.json").read_text())
+    prelim = json.loads((run.upstream["03_stage"] / PRELIM_FILE).read_text())
+    stage_summary = json.loads((run.upstream["03_stage"] / staging.SUMMARY_FILE).read_text())
     methods = ["base", *dict.fromkeys(v.split("/")[1] for v in pipeline.variants(run.config, "04_train"))]
     wide = {task: metrics.wide_table(table, task, methods) for task in ("alignment", "sentiment")}
     claims = claims_table(table, prelim)

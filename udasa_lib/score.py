@@ -376,7 +376,7 @@ def score_with_config(records: list[dict], run, progress: bool = True) -> tuple[
     """score_samples with the scorers `run.config.score` names: the harm probe fitted by the run's
     00_data when a task uses it, the principles file for self_judge. 02_score and the on-policy
     rounds of 04_train both score this way."""
-    from udasa_lib.data import HARM_PROBE_FILE, HARM_PROBE_METRICS
+    from udasa_lib.value_probe import HARM_PROBE_FILE, HARM_PROBE_METRICS
     from udasa_lib.value_probe import HarmProbe
 
     cfg = run.config

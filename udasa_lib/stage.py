@@ -23,6 +23,7 @@ from udasa_lib.score import DIMENSIONS
 
 STAGE_NAMES = ("conservative", "moderate", "exploratory")
 PAIRS_FILE = "pairs.jsonl"
+SUMMARY_FILE = "summary.json"  # pairs, drops and cut responses per pair set
 PAIR_SCHEMA = {"pair_id": str, "task": str, "prompt": str, "formatted_prompt": str, "chosen": str, "rejected": str,
                "prompt_token_ids": list, "chosen_token_ids": list, "rejected_token_ids": list,
                "chosen_finish_reason": str, "rejected_finish_reason": str,
@@ -224,6 +225,6 @@ def run_staging(stage) -> dict:
         summary[name] = {"pairs": len(pairs), "dropped": dropped, "stage_sizes": counts,
                          "cut": cut_counts(samples, pairs, cfg.truncated)}
     atomic_write_jsonl(stage.dir / "responses.jsonl", response_table(samples, scores, cfg.weights))
-    atomic_write_json(stage.dir / "summary.json", summary)
+    atomic_write_json(stage.dir / SUMMARY_FILE, summary)
     stage.add_to_manifest(pair_sets=summary)
     return summary

@@ -72,6 +72,10 @@ from udasa_lib.assets import assets_dir, package_file
 from udasa_lib.io import atomic_write_json, atomic_write_with
 from udasa_lib.splits import normalise
 
+# written by 00_data: the alignment task's value scorer depends on data, not on samples
+HARM_PROBE_FILE = "harm_probe.joblib"
+HARM_PROBE_METRICS = "harm_probe_metrics.json"
+
 FORMAT_VERSION = 1  # of what HarmProbe.save writes; bump when it changes
 DATASETS = "pyrit/datasets"
 REFUSAL_FILES = ("scorer_evals/refusal_scorer/refusal.csv", "scorer_evals/refusal_scorer/refusal_extra.csv")
