@@ -3,7 +3,9 @@ that a training change reruns training and what follows it, nothing before."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -46,6 +48,31 @@ def test_report_tables_are_present_and_not_empty(chain):
     assert (report_dir / "07_report.html").stat().st_size > 10_000
     for figure in ("harmless.png", "winrate.png", "reward_kl.png", "silhouette_layers.png"):
         assert (report_dir / "figures" / figure).stat().st_size > 1000
+
+
+GOLDEN = Path(__file__).parent / "golden" / "smoke_metrics.csv"
+
+
+def test_golden_numbers_of_the_smoke_chain(chain):
+    """Every evaluation metric of the smoke chain equals its recorded value (lm-eval's testdata
+    habit): a silent change in generation, scoring, training or an evaluation fails here.
+    After an intended change: UDASA_UPDATE_GOLDEN=1 pytest tests/test_chain.py -k golden, and
+    say in the commit why the numbers moved."""
+    import os
+
+    table = pd.read_csv(chain[-1].run_dir / "report" / "results_table.csv")
+    table = table[table.stage.str.startswith("05_eval_")][["task", "method", "metric", "value", "n"]]
+    table = table.sort_values(["task", "method", "metric"]).reset_index(drop=True)
+    if os.environ.get("UDASA_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        table.to_csv(GOLDEN, index=False, float_format="%.6g")
+    golden = pd.read_csv(GOLDEN)
+    merged = golden.merge(table, on=["task", "method", "metric"], how="outer", suffixes=("_golden", ""),
+                          indicator=True)
+    assert (merged["_merge"] == "both").all(), merged[merged["_merge"] != "both"]
+    assert (merged.n_golden == merged.n).all()
+    assert np.allclose(merged.value, merged.value_golden, rtol=1e-4, atol=1e-6), \
+        merged[~np.isclose(merged.value, merged.value_golden, rtol=1e-4, atol=1e-6)]
 
 
 def test_a_stage_order_change_retrains_though_the_pairs_are_the_same(chain):
