@@ -76,10 +76,10 @@ def test_golden_numbers_of_the_smoke_chain(chain):
 
 
 def test_a_stage_order_change_retrains_though_the_pairs_are_the_same(chain):
-    reversed_order = {"stage.order": ["exploratory", "moderate", "conservative"]}
-    pipeline.run_stage("03_stage", SMOKE_CONFIG, reversed_order)
+    reversed_order = {"train.stage_order": ["exploratory", "moderate", "conservative"]}
+    pipeline.run_stage("03_pairs", SMOKE_CONFIG, reversed_order)
     before, after = config_mod.resolve(SMOKE_CONFIG), config_mod.resolve(SMOKE_CONFIG, reversed_order)
-    assert pipeline.products_fingerprint(before, "03_stage") == pipeline.products_fingerprint(after, "03_stage")
+    assert pipeline.products_fingerprint(before, "03_pairs") == pipeline.products_fingerprint(after, "03_pairs")
     for variant in pipeline.variants(after, "04_train"):
         assert pipeline.stage_key(before, "04_train", variant) != pipeline.stage_key(after, "04_train", variant)
 
@@ -87,7 +87,7 @@ def test_a_stage_order_change_retrains_though_the_pairs_are_the_same(chain):
 def test_a_training_change_reruns_training_and_what_follows_only(chain):
     before = config_mod.resolve(SMOKE_CONFIG)
     after = config_mod.resolve(SMOKE_CONFIG, {"train.learning_rate": 1.0e-3})
-    for stage in ("00_data", "01_sample", "02_score", "03_stage"):
+    for stage in ("00_data", "01_sample", "02_score", "03_pairs"):
         assert pipeline.stage_key(before, stage) == pipeline.stage_key(after, stage)
     for variant in pipeline.variants(after, "04_train"):
         assert pipeline.stage_key(before, "04_train", variant) != pipeline.stage_key(after, "04_train", variant)

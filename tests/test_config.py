@@ -94,7 +94,7 @@ def test_stage_keys_follow_only_their_sections(smoke_data):
     # a changed upstream must run before anything downstream has a key
     with pytest.raises(StageError, match="upstream stage 00_data has not finished"):
         stage_key(data_changed, "01_sample")
-    assert set(STAGES) >= {"00_data", "01_sample", "02_score", "03_stage"}
+    assert set(STAGES) >= {"00_data", "01_sample", "02_score", "03_pairs"}
 
 
 @pytest.mark.parametrize("key, value, rule", [
@@ -108,8 +108,8 @@ def test_stage_keys_follow_only_their_sections(smoke_data):
     ("train.beta", {"conservative": 0, "moderate": 0.1, "exploratory": 0.1, "unstaged": 0.1}, "> 0"),
     ("train.lora.dropout", 1.0, "in \\[0, 1\\)"), ("train.ual.max_epsilon", 0.7, "in \\[0, 0.5\\)"),
     ("eval_sentiment.prompts", 0, ">= 1"), ("silhouette.max_points", 2, ">= 4"), ("bootstrap_samples", 0, ">= 1"),
-    ("score.semantic.threshold", 1.5, "in \\[-1, 1\\]"), ("stage.tie_epsilon", -1e-3, ">= 0"),
-    ("train.learning_rate", float("nan"), "> 0"), ("stage.cut_points", [0.2, 1.5], "in \\[0, 1\\]"),
+    ("score.semantic.threshold", 1.5, "in \\[-1, 1\\]"), ("pairs.tie_epsilon", -1e-3, ">= 0"),
+    ("train.learning_rate", float("nan"), "> 0"), ("pairs.cut_points", [0.2, 1.5], "in \\[0, 1\\]"),
 ])
 def test_out_of_range_values_fail_at_resolve_time_naming_the_key(key, value, rule):
     """Before any stage runs: the message names the dotted key and the allowed range."""
@@ -122,8 +122,8 @@ def test_out_of_range_values_fail_at_resolve_time_naming_the_key(key, value, rul
 @pytest.mark.parametrize("overrides, message", [
     ({"data.sentiment_prefix_min_tokens": 9}, "data.sentiment_prefix_min_tokens: 9 exceeds"),
     ({"train.ual.mean_epsilon": 0.45}, "train.ual.mean_epsilon: 0.45 is outside"),
-    ({"stage.truncated": {"alignment": "keep", "typo": "drop"}}, "stage.truncated.typo: not a task"),
-    ({"stage.truncated": {"alignment": "cut"}}, "stage.truncated.alignment: 'cut' is not one of keep, drop"),
+    ({"pairs.truncated": {"alignment": "keep", "typo": "drop"}}, "pairs.truncated.typo: not a task"),
+    ({"pairs.truncated": {"alignment": "cut"}}, "pairs.truncated.alignment: 'cut' is not one of keep, drop"),
 ])
 def test_relations_between_keys_are_checked(overrides, message):
     with pytest.raises(config.ConfigError, match=re.escape(message)):
@@ -137,3 +137,18 @@ def test_zero_temperature_means_greedy_everywhere():
         config.resolve(DEFAULT, {key: 0.0})
     assert sampling_kwargs(0.0) == {"do_sample": False}
     assert sampling_kwargs(0.7, 0.9, 0) == {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0}
+
+
+def test_renamed_keys_fail_with_their_new_names(tmp_path):
+    """`stage:` became `pairs:` and stage.order became train.stage_order: old configs and overrides
+    say the new name instead of a bare "unknown key"."""
+    with pytest.raises(config.ConfigError, match=r"'stage.order' was renamed: use 'train.stage_order'"):
+        config.resolve(DEFAULT, {"stage.order": ["moderate"]})
+    with pytest.raises(config.ConfigError, match=r"'stage.weights' was renamed: use 'pairs.weights'"):
+        config.resolve(DEFAULT, {"stage.weights": {"semantic": 1.0}})
+    old = _write(tmp_path, "stage:\n  order: [moderate, conservative, exploratory]\n")
+    with pytest.raises(config.ConfigError, match=r"c.yaml: 'stage.order' was renamed: use 'train.stage_order'"):
+        config.resolve(old)
+    old = _write(tmp_path, "stage:\n  tie_epsilon: 0.01\n")
+    with pytest.raises(config.ConfigError, match=r"'stage.tie_epsilon' was renamed: use 'pairs.tie_epsilon'"):
+        config.resolve(old)

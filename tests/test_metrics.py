@@ -45,10 +45,13 @@ def test_harmless_rows_and_results_table(tmp_path):
         metrics.results_table(tmp_path / "empty")
 
 
-def test_metric_rows_keep_order_of_fields(tmp_path):
+def test_metric_rows_round_trip_through_metrics_jsonl(tmp_path):
+    from udasa_lib.io import read_jsonl
+
     row = metrics.metric_row("sentiment", "base", "reward", [0.2, 0.4, 0.6], "05_eval_sentiment", 100, 0)
-    assert list(row) == list(metrics.METRIC_FIELDS) and row["value"] == pytest.approx(0.4)
-    atomic_write_jsonl(tmp_path / "m.jsonl", [row])
+    assert row["value"] == pytest.approx(0.4) and row["ci_low"] <= 0.4 <= row["ci_high"] and row["n"] == 3
+    path = metrics.write_metrics(tmp_path / "m.jsonl", [{**row, "not_a_metric_field": 1}])
+    assert read_jsonl(path) == [{field: row[field] for field in metrics.METRIC_FIELDS}]
 
 
 def test_samples_of_one_prompt_count_once_in_the_bootstrap():

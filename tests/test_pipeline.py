@@ -172,15 +172,15 @@ def test_no_stage_module_imports_a_downstream_stage_module_and_no_cycles():
 def test_score_and_stage_through_papermill(smoke_data):
     pipeline.run_stage("01_sample", SMOKE_CONFIG)
     scored = pipeline.run_stage("02_score", SMOKE_CONFIG)
-    staged = pipeline.run_stage("03_stage", SMOKE_CONFIG)
+    staged = pipeline.run_stage("03_pairs", SMOKE_CONFIG)
     score_manifest = json.loads((scored.dir / "manifest.json").read_text())
     assert set(score_manifest["extra"]["seconds"]) >= {"semantic_factual", "value_alignment", "value_sentiment"}
-    from udasa_lib import stage as staging
+    from udasa_lib.pairs import PAIR_SCHEMA, STAGE_NAMES
     from udasa_lib.io import read_jsonl
 
-    pairs = read_jsonl(staged.dir / "pairs.jsonl", staging.PAIR_SCHEMA)
+    pairs = read_jsonl(staged.dir / "pairs.jsonl", PAIR_SCHEMA)
     assert pairs and {p["task"] for p in pairs} == {"alignment", "sentiment"}
-    assert {p["stage"] for p in pairs} <= set(staging.STAGE_NAMES)
+    assert {p["stage"] for p in pairs} <= set(STAGE_NAMES)
     for dimension in ("semantic", "factual", "value"):
         assert (staged.dir / f"pairs_{dimension}.jsonl").exists()
     manifest = json.loads((staged.dir / "manifest.json").read_text())
@@ -193,7 +193,7 @@ def test_training_variants_come_from_the_config_and_do_not_enter_the_key():
 
     cfg = config_mod.resolve(SMOKE_CONFIG)
     assert pipeline.variants(cfg, "04_train") == [f"{t}/{m}" for t, ms in cfg.train.methods.items() for m in ms]
-    assert pipeline.variants(cfg, "03_stage") == [""]
+    assert pipeline.variants(cfg, "03_pairs") == [""]
     more = config_mod.resolve(SMOKE_CONFIG, {"train.methods": {**cfg.train.methods, "sentiment": ["udasa_value"]}})
     assert pipeline.variants(more, "04_train")[-1] == "sentiment/udasa_value"
     # adding a method must not retrain the others: the lists are not among the hashed params

@@ -82,12 +82,12 @@ def test_an_inferred_choice_with_an_unknown_key_names_the_entry(tmp_path):
 def test_a_sweep_is_shown_only_when_it_trained_on_this_runs_pairs(tmp_path):
     import json
 
-    pairs, other_pairs = tmp_path / ".stages" / "03_stage" / "k1", tmp_path / ".stages" / "03_stage" / "k2"
+    pairs, other_pairs = tmp_path / ".stages" / "03_pairs" / "k1", tmp_path / ".stages" / "03_pairs" / "k2"
     runs = []
     for name, target in (("point-a", pairs), ("point-b", pairs), ("point-c", other_pairs)):
         target.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).mkdir()
-        (tmp_path / name / "03_stage").symlink_to(target)
+        (tmp_path / name / "03_pairs").symlink_to(target)
         runs.append({"seed": len(runs), "run_dir": str(tmp_path / name)})
     sweep_dir = tmp_path / "sweeps" / "seeds"
     sweep_dir.mkdir(parents=True)

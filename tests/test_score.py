@@ -8,7 +8,8 @@ import pytest
 from scipy.stats import entropy as scipy_entropy
 from sklearn.preprocessing import minmax_scale
 
-from udasa_lib import score, stage
+from udasa_lib import pairs as pairing
+from udasa_lib import score
 from udasa_lib import REPO_ROOT
 
 
@@ -88,8 +89,8 @@ def test_sentence_split_and_token_nll():
 
 def test_minmax_matches_sklearn_and_constant_is_zero():
     values = [0.2, 0.5, 0.9, 0.2]
-    np.testing.assert_allclose(stage.minmax_within(values), minmax_scale(values))
-    np.testing.assert_array_equal(stage.minmax_within([0.7, 0.7, 0.7]), [0, 0, 0])
+    np.testing.assert_allclose(pairing.minmax_within(values), minmax_scale(values))
+    np.testing.assert_array_equal(pairing.minmax_within([0.7, 0.7, 0.7]), [0, 0, 0])
 
 
 def test_vader_maps_sentiment_to_p_aligned():

@@ -15,7 +15,7 @@ import torch
 
 from udasa_lib import config as config_mod
 from udasa_lib import generation, sample, train
-from udasa_lib.stage import build_pairs, cut_counts
+from udasa_lib.pairs import build_pairs, cut_counts
 
 from conftest import SMOKE_CONFIG
 

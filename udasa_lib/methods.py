@@ -16,7 +16,8 @@ class MethodSpec:
     reverse: bool = False
     smoothing: bool = False  # UAL per-sample label smoothing
 
-    def phases(self, order: Sequence[str]) -> list[str]:
+    def stages(self, order: Sequence[str]) -> list[str]:
+        """The stages this method trains, in order: `order` (reversed for udasa_reverse) or one unstaged pass."""
         if not self.staged:
             return [UNSTAGED]
         return list(reversed(order)) if self.reverse else list(order)

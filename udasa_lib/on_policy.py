@@ -2,7 +2,7 @@
 
 Before each stage after the first, the current policy re-samples that stage's prompts (K
 responses each, the `sample:` settings, from the prompt ids the pairs carry), 02_score's
-scorers re-score them and 03_stage's rule re-pairs them; every new pair stays in this stage.
+scorers re-score them and 03_pairs's rule re-pairs them; every new pair stays in this stage.
 A `self_judge` value scorer is the configured judge (or pi_0, loaded fresh).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from udasa_lib import sample, score
-from udasa_lib import stage as staging
+from udasa_lib.pairs import ablation_weights, build_pairs
 from udasa_lib.generation import batch_seed
 from udasa_lib.methods import MethodSpec
 
@@ -38,9 +38,9 @@ def resample_stage(run, model, tokenizer, rows: list[dict], spec: MethodSpec, st
     finally:
         model.train()
     scored, _ = score.score_with_config(records, run, progress=False)
-    weights = cfg.stage.weights if spec.pair_set == "combined" else staging.ablation_weights(spec.pair_set)
-    pairs, dropped = staging.build_pairs(records, scored, weights, cfg.stage.rejected_strategy, cfg.stage.tie_epsilon,
-                                         (), cfg.train.seed, cfg.stage.truncated)
+    weights = cfg.pairs.weights if spec.pair_set == "combined" else ablation_weights(spec.pair_set)
+    pairs, dropped = build_pairs(records, scored, weights, cfg.pairs.rejected_strategy, cfg.pairs.tie_epsilon,
+                                         (), cfg.train.seed, cfg.pairs.truncated)
     for pair in pairs:
         pair["stage"] = stage_name
     return pairs, {"prompts": len(records), "pairs": len(pairs), "dropped": dropped,

@@ -19,15 +19,15 @@ from udasa_lib.io import atomic_write_jsonl, read_jsonl
 BASE = "base"
 
 
-def policy_adapters(stage, task: str) -> dict[str, Path | None]:
+def policy_adapters(run, task: str) -> dict[str, Path | None]:
     """Policy name -> final adapter folder of its 04_train variant (None for `base`), config order."""
     from udasa_lib.pipeline import variants
 
     adapters: dict[str, Path | None] = {BASE: None}
-    for variant in variants(stage.config, "04_train"):
+    for variant in variants(run.config, "04_train"):
         variant_task, method = variant.split("/")
         if variant_task == task:
-            adapters[method] = stage.upstream[f"04_train/{variant}"] / "adapters" / "final"
+            adapters[method] = run.upstream[f"04_train/{variant}"] / "adapters" / "final"
     return adapters
 
 

@@ -70,8 +70,8 @@ def agreement_by_stage(pairs: Sequence[dict], reward_chosen: Sequence[float], re
     return rows
 
 
-def run_preliminary_study(stage, task: str = "sentiment", n_boot: int = 1000) -> dict:
-    """Read 03_stage's responses and pairs of `task`, score them with 00_data's ground-truth
+def run_preliminary_study(run, task: str = "sentiment", n_boot: int = 1000) -> dict:
+    """Read 03_pairs's responses and pairs of `task`, score them with 00_data's ground-truth
     reward, and write prelim.json; returns {"spearman": {...}, "agreement": [...], "responses": rows}."""
     import pandas as pd
 
@@ -79,24 +79,24 @@ def run_preliminary_study(stage, task: str = "sentiment", n_boot: int = 1000) ->
     from udasa_lib.data import SENTIMENT_REWARD_FILE
     from udasa_lib.sentiment_reward import SentimentReward
 
-    reward = SentimentReward.load(stage.upstream["00_data"] / SENTIMENT_REWARD_FILE)
-    responses = pd.DataFrame(read_jsonl(stage.dir / "responses.jsonl"))
+    reward = SentimentReward.load(run.upstream["00_data"] / SENTIMENT_REWARD_FILE)
+    responses = pd.DataFrame(read_jsonl(run.dir / "responses.jsonl"))
     responses = responses[responses["task"] == task].reset_index(drop=True)
-    pairs = [p for p in read_jsonl(stage.dir / "pairs.jsonl") if p["task"] == task]
+    pairs = [p for p in read_jsonl(run.dir / "pairs.jsonl") if p["task"] == task]
     if responses.empty or not pairs:
-        raise ValueError(f"preliminary study: no {task} responses or pairs in {stage.dir}")
+        raise ValueError(f"preliminary study: no {task} responses or pairs in {run.dir}")
     responses["reward"] = reward.reward(responses["text"].tolist())
     result = {
         "task": task,
         "spearman_u_vs_reward": spearman_with_ci(responses["u"], responses["reward"], responses["prompt_id"],
-                                                 n_boot, stage.config.seed),
+                                                 n_boot, run.config.seed),
         "spearman_by_dimension": {d: spearman_with_ci(responses[d], responses["reward"], responses["prompt_id"],
-                                                      n_boot, stage.config.seed)
+                                                      n_boot, run.config.seed)
                                   for d in ("semantic", "factual", "value")},
         "agreement_by_stage": agreement_by_stage(pairs, reward.reward([p["chosen"] for p in pairs]),
                                                  reward.reward([p["rejected"] for p in pairs]), n_boot,
-                                                 stage.config.seed),
+                                                 run.config.seed),
     }
-    atomic_write_json(stage.dir / PRELIM_FILE, result)
-    stage.add_to_manifest(preliminary_study=result)
+    atomic_write_json(run.dir / PRELIM_FILE, result)
+    run.add_to_manifest(preliminary_study=result)
     return {**result, "responses": responses}

@@ -145,9 +145,9 @@ def inferred_choices_table(config: dict, path: Path = INFERRED_CHOICES_FILE) -> 
 
 def sweep_mismatch(sweep_dir: Path, pairs_dir: Path) -> str | None:
     """Why a sweep's results do not belong in this run's report, or None when every point trained
-    on this run's pairs (the same 03_stage folder), i.e. the sweep varied this run's training."""
+    on this run's pairs (the same 03_pairs folder), i.e. the sweep varied this run's training."""
     points = json.loads((Path(sweep_dir) / "points.json").read_text())
-    pairs = {(Path(p["run_dir"]) / "03_stage").resolve() for p in points}
+    pairs = {(Path(p["run_dir"]) / "03_pairs").resolve() for p in points}
     if pairs != {Path(pairs_dir).resolve()}:
         return f"{sweep_dir} was run on other pairs ({len(pairs)} pair sets, e.g. another config); not shown"
     return None
@@ -174,10 +174,10 @@ def seed_spread(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def cut_table(stage_summary: dict) -> pd.DataFrame:
-    """Per task: responses and pairs cut at max_new_tokens (03_stage summary, combined pair set).
-    A cut response is trained without an EOS; `stage.truncated` decides whether it may enter a pair."""
+    """Per task: responses and pairs cut at max_new_tokens (03_pairs summary, combined pair set).
+    A cut response is trained without an EOS; `pairs.truncated` decides whether it may enter a pair."""
     cut = stage_summary["combined"].get("cut", {})
-    return pd.DataFrame([{"task": task, "stage.truncated": c["policy"], "responses": c["responses"],
+    return pd.DataFrame([{"task": task, "pairs.truncated": c["policy"], "responses": c["responses"],
                           "cut": c["responses_cut"], "cut share": c["responses_cut_share"], "pairs": c["pairs"],
                           "chosen cut": c["pairs_chosen_cut"], "rejected cut": c["pairs_rejected_cut"],
                           "pairs dropped (truncated)": stage_summary["combined"]["dropped"].get("truncated", 0)}
@@ -204,7 +204,7 @@ def write_report(run) -> dict:
     import shutil
 
     from udasa_lib import metrics, pipeline, silhouette
-    from udasa_lib import stage as staging
+    from udasa_lib.pairs import SUMMARY_FILE
     from udasa_lib.prelim import PRELIM_FILE
     from udasa_lib.io import atomic_write_text
 
@@ -212,8 +212,8 @@ def write_report(run) -> dict:
     resolved = json.loads((run_dir / "config.json").read_text())
     silhouette_ci = pd.read_csv(run.upstream["06_silhouette"] / silhouette.CI_FILE)
     table = pd.concat([metrics.results_table(run_dir), silhouette_rows(silhouette_ci)], ignore_index=True)
-    prelim = json.loads((run.upstream["03_stage"] / PRELIM_FILE).read_text())
-    stage_summary = json.loads((run.upstream["03_stage"] / staging.SUMMARY_FILE).read_text())
+    prelim = json.loads((run.upstream["03_pairs"] / PRELIM_FILE).read_text())
+    stage_summary = json.loads((run.upstream["03_pairs"] / SUMMARY_FILE).read_text())
     methods = ["base", *dict.fromkeys(v.split("/")[1] for v in pipeline.variants(run.config, "04_train"))]
     wide = {task: metrics.wide_table(table, task, methods) for task in ("alignment", "sentiment")}
     claims = claims_table(table, prelim)
@@ -228,7 +228,7 @@ def write_report(run) -> dict:
             figures.append(name)
     # Sweeps are their own sets of runs (make sweep), not part of this stage's key: shown, dated, when
     # every point trained on this run's pairs
-    sweeps_root, pairs_dir = pipeline.results_root() / "sweeps", run.upstream["03_stage"]
+    sweeps_root, pairs_dir = pipeline.results_root() / "sweeps", run.upstream["03_pairs"]
     frontier = sweeps_root / "sentiment_beta" / "frontier.png"
     frontier_note = "not run (`make sweep SWEEP=configs/sweeps/sentiment_beta.yaml`)"
     if frontier.exists():

@@ -68,16 +68,16 @@ def _shard_path(stage_dir: Path, task: str, batch_index: int) -> Path:
     return stage_dir / "shards" / task / f"batch_{batch_index:05d}.jsonl"
 
 
-def sample_task(stage, task: str, model, tokenizer, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
+def sample_task(run, task: str, model, tokenizer, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
     """Generate every missing shard of one task assigned to this rank; return token and time counts."""
     from tqdm.auto import tqdm
 
-    cfg = stage.config.sample
+    cfg = run.config.sample
     task_cfg = cfg.tasks[task]
-    prompts = select_prompts(stage.upstream["00_data"], task_cfg.sources)
+    prompts = select_prompts(run.upstream["00_data"], task_cfg.sources)
     batches = [prompts[i: i + cfg.batch_prompts] for i in range(0, len(prompts), cfg.batch_prompts)]
     mine = [b for b in range(len(batches)) if b % world == rank]
-    todo = [b for b in mine if not _shard_path(stage.dir, task, b).exists()]
+    todo = [b for b in mine if not _shard_path(run.dir, task, b).exists()]
     tokens, started = 0, time.time()
     for b in tqdm(todo, desc=f"sampling {task}", disable=not progress, initial=len(mine) - len(todo), total=len(mine)):
         batch = batches[b]
@@ -85,28 +85,28 @@ def sample_task(stage, task: str, model, tokenizer, rank: int = 0, world: int = 
         prompt_ids = [generation.encode_prompt(tokenizer, text) for text in formatted]
         generations = generate_batch(
             model, tokenizer, prompt_ids, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            max_new_tokens=task_cfg.max_new_tokens, seed=generation.batch_seed(stage.config.seed, task, b),
+            max_new_tokens=task_cfg.max_new_tokens, seed=generation.batch_seed(run.config.seed, task, b),
         )
         records = [sample_record(p["id"], task, p["text"], text, ids, responses, p["id"],
                                  {key: value for key, value in p.items() if key not in ("id", "text")})
                    for p, text, ids, responses in zip(batch, formatted, prompt_ids, generations)]
         tokens += sum(len(r["token_ids"]) for responses in generations for r in responses)
-        atomic_write_jsonl(_shard_path(stage.dir, task, b), records)
+        atomic_write_jsonl(_shard_path(run.dir, task, b), records)
     return {"batches": len(batches), "generated_batches": len(todo), "tokens": tokens, "seconds": time.time() - started}
 
 
-def merge_shards(stage) -> Path:
+def merge_shards(run) -> Path:
     """Concatenate every task's shards in batch order into samples.jsonl, checking none is missing."""
     records = []
-    for task, task_cfg in stage.config.sample.tasks.items():
+    for task, task_cfg in run.config.sample.tasks.items():
         n_prompts = sum(task_cfg.sources.values())
-        n_batches = -(-n_prompts // stage.config.sample.batch_prompts)
+        n_batches = -(-n_prompts // run.config.sample.batch_prompts)
         for b in range(n_batches):
-            path = _shard_path(stage.dir, task, b)
+            path = _shard_path(run.dir, task, b)
             if not path.exists():
                 raise RuntimeError(f"01_sample: shard {path} is missing; rerun the stage to resume")
             records.extend(read_jsonl(path, SAMPLE_SCHEMA))
-    return atomic_write_jsonl(stage.dir / SAMPLES_FILE, records)
+    return atomic_write_jsonl(run.dir / SAMPLES_FILE, records)
 
 
 def load_samples(path: Path) -> list[dict]:
@@ -143,35 +143,35 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
-def _sample_in_process(stage, rank: int = 0, world: int = 1, device: str | None = None) -> dict:
+def _sample_in_process(run, rank: int = 0, world: int = 1, device: str | None = None) -> dict:
     from udasa_lib.models import configure_threads, load_causal_lm
 
-    threads = configure_threads(stage.config.runtime.threads)
-    model, tokenizer = load_causal_lm(stage.config.model.name_or_path, stage.config.model.dtype,
-                                      device or stage.config.runtime.device)
-    counts = {task: sample_task(stage, task, model, tokenizer, rank, world, progress=rank == 0)
-              for task in stage.config.sample.tasks}
+    threads = configure_threads(run.config.runtime.threads)
+    model, tokenizer = load_causal_lm(run.config.model.name_or_path, run.config.model.dtype,
+                                      device or run.config.runtime.device)
+    counts = {task: sample_task(run, task, model, tokenizer, rank, world, progress=rank == 0)
+              for task in run.config.sample.tasks}
     return {"threads": threads, "device": str(model.device), "per_task": counts}
 
 
-def run_sampling(stage) -> dict:
+def run_sampling(run) -> dict:
     """Sample every task (in this process, or under `accelerate launch`), merge, and summarise."""
-    n_processes = stage.config.runtime.num_processes
+    n_processes = run.config.runtime.num_processes
     if n_processes > 1:
         command = ["accelerate", "launch", "--num_processes", str(n_processes), "-m", "udasa_lib.sample",
-                   "--config", str(stage.config_path), "--overrides", json.dumps(stage.overrides),
-                   "--name", stage.run_name]
+                   "--config", str(run.config_path), "--overrides", json.dumps(run.overrides),
+                   "--name", run.run_name]
         subprocess.run(command, check=True)
-        timing = json.loads((stage.dir / "timing.json").read_text())
+        timing = json.loads((run.dir / "timing.json").read_text())
     else:
-        timing = _sample_in_process(stage)
-    merge_shards(stage)
+        timing = _sample_in_process(run)
+    merge_shards(run)
     tokens = sum(c["tokens"] for c in timing["per_task"].values())
     seconds = sum(c["seconds"] for c in timing["per_task"].values())
     timing["tokens_per_s_this_session"] = round(tokens / seconds, 1) if seconds and tokens else None
-    atomic_write_json(stage.dir / "timing.json", timing)
-    summary = summarize(load_samples(stage.dir / SAMPLES_FILE))
-    atomic_write_json(stage.dir / "summary.json", summary)
+    atomic_write_json(run.dir / "timing.json", timing)
+    summary = summarize(load_samples(run.dir / SAMPLES_FILE))
+    atomic_write_json(run.dir / "summary.json", summary)
     return {"summary": summary, "timing": timing}
 
 
@@ -187,11 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="")
     args = parser.parse_args(argv)
     state = PartialState()
-    stage = open_stage("01_sample", args.config, args.overrides, args.name or None)
-    timing = _sample_in_process(stage, state.process_index, state.num_processes, device=str(state.device))
+    run = open_stage("01_sample", args.config, args.overrides, args.name or None)
+    timing = _sample_in_process(run, state.process_index, state.num_processes, device=str(state.device))
     state.wait_for_everyone()
     if state.is_main_process:
-        atomic_write_json(stage.dir / "timing.json", timing)
+        atomic_write_json(run.dir / "timing.json", timing)
     return 0
 
 

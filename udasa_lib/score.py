@@ -319,34 +319,34 @@ def value_scores(records: list[dict], scorer: str, cfg, model_cfg, principles: d
     raise ValueError(f"score.value.scorers: unknown scorer {scorer!r} (self_judge, harm_probe, vader)")
 
 
-def score_samples(records: list[dict], stage_cfg, model_cfg, runtime, principles: dict, harm_probe=None,
+def score_samples(records: list[dict], score_cfg, model_cfg, runtime, principles: dict, harm_probe=None,
                   progress: bool = True) -> tuple[list[dict], dict]:
     """Score every record; returns (per-prompt score records, scorer report with timings and accuracies)."""
     from tqdm.auto import tqdm
 
     started = time.time()
-    embedder = Embedder(stage_cfg.embedder)
-    nli = NLIEntailment(stage_cfg.nli_model, "cpu") if stage_cfg.nli_model else None
+    embedder = Embedder(score_cfg.embedder)
+    nli = NLIEntailment(score_cfg.nli_model, "cpu") if score_cfg.nli_model else None
     # One encode call over every response and sentence: per-prompt calls of a few texts each
     # spend most of their time in call overhead, not in the model.
     texts = [response["text"] for r in records for response in r["responses"]]
     embedder([*texts, *(s for t in texts for s in split_sentences(t))])
     if harm_probe is not None:
-        harm_probe.share_embedder(embedder.model, stage_cfg.embedder)
-    scored = [score_prompt(r, stage_cfg, embedder, nli) for r in tqdm(records, desc="semantic+factual",
+        harm_probe.share_embedder(embedder.model, score_cfg.embedder)
+    scored = [score_prompt(r, score_cfg, embedder, nli) for r in tqdm(records, desc="semantic+factual",
                                                                         disable=not progress)]
     report: dict = {"seconds": {"semantic_factual": round(time.time() - started, 2)}, "scorers": {}}
     by_task: dict[str, list[int]] = {}
     for index, record in enumerate(records):
         by_task.setdefault(record["task"], []).append(index)
     for task, indices in by_task.items():
-        scorer = stage_cfg.value.scorers.get(task)
+        scorer = score_cfg.value.scorers.get(task)
         if scorer is None:
             raise ValueError(f"score.value.scorers has no scorer for task {task!r}")
         begin = time.time()
         if scorer == "harm_probe" and harm_probe is None:
             raise ValueError("score.value.scorers asks for harm_probe but no fitted probe was given")
-        p_aligned = value_scores([records[i] for i in indices], scorer, stage_cfg.value, model_cfg, principles,
+        p_aligned = value_scores([records[i] for i in indices], scorer, score_cfg.value, model_cfg, principles,
                                  runtime, harm_probe)
         report["seconds"][f"value_{task}"] = round(time.time() - begin, 2)
         cursor = 0
@@ -389,18 +389,18 @@ def score_with_config(records: list[dict], run, progress: bool = True) -> tuple[
     return scored, report
 
 
-def run_scoring(stage) -> dict:
+def run_scoring(run) -> dict:
     """02_score: score every response of 01_sample, write scores.jsonl and scorers.json."""
     from udasa_lib.io import atomic_write_json, atomic_write_jsonl
     from udasa_lib.models import configure_threads
     from udasa_lib.sample import SAMPLES_FILE, load_samples
 
-    configure_threads(stage.config.runtime.threads)
-    records = load_samples(stage.upstream["01_sample"] / SAMPLES_FILE)
-    scored, report = score_with_config(records, stage)
-    atomic_write_jsonl(stage.dir / SCORES_FILE, scored)
-    atomic_write_json(stage.dir / "scorers.json", report)
-    stage.add_to_manifest(scorers=report["scorers"], seconds=report["seconds"])
+    configure_threads(run.config.runtime.threads)
+    records = load_samples(run.upstream["01_sample"] / SAMPLES_FILE)
+    scored, report = score_with_config(records, run)
+    atomic_write_jsonl(run.dir / SCORES_FILE, scored)
+    atomic_write_json(run.dir / "scorers.json", report)
+    run.add_to_manifest(scorers=report["scorers"], seconds=report["seconds"])
     return report
 
 

@@ -10,7 +10,7 @@ reserve, never on prompt reviews.
 This classifier is the EVALUATOR. It must never score, filter, pair or select training data:
 a policy trained on pairs chosen by the evaluator would be graded by its own teacher
 (evaluator leakage). Only 00_data (fit), the preliminary study (udasa_lib.prelim) and the
-evaluation stages may import this module; scoring and staging use their own value scorers
+evaluation stages may import this module; scoring and pairing use their own value scorers
 (tests/test_score_math.py checks that score, value_probe and stage do not import it).
 """
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Stage 04_train: one LoRA policy per (task, method), all read from the same 03_stage pairs.
+"""Stage 04_train: one LoRA policy per (task, method), all read from the same 03_pairs pairs.
 
 Methods (docs/method.md, "Methods in every run"):
 
     sft             SFT on the chosen responses, all pairs at once
     dpo             DPO on all pairs, shuffled, no stages
-    udasa           DPO stage by stage in `stage.order` (conservative -> moderate -> exploratory)
+    udasa           DPO stage by stage in `train.stage_order` (conservative -> moderate -> exploratory)
     udasa_reverse   the same stages in reverse order
     ual_sft         SFT with per-sample label smoothing from the chosen response's uncertainty
     ual_dpo         DPO with per-sample conservative-DPO smoothing from the pair's uncertainty
@@ -38,7 +38,7 @@ from udasa_lib.ual import ual_epsilons
 
 PAIRS_FILES = {"combined": "pairs.jsonl", "semantic": "pairs_semantic.jsonl", "factual": "pairs_factual.jsonl",
                "value": "pairs_value.jsonl"}
-PHASE_DONE = "phase.json"
+STAGE_DONE = "stage.json"
 CURVES_FILE = "curves.csv"
 CURVES_FIGURE = "curves.png"
 TRAIN_LOG = "train_log.json"
@@ -47,15 +47,15 @@ TRAIN_LOG = "train_log.json"
 # --- data ---------------------------------------------------------------------------------------
 
 def load_pairs(stage_03: Path, pair_set: str, task: str) -> list[dict]:
-    from udasa_lib.stage import PAIR_SCHEMA
+    from udasa_lib.pairs import PAIR_SCHEMA
 
     path = stage_03 / PAIRS_FILES[pair_set]
     schema = {key: (int, float) if kind is float else kind for key, kind in PAIR_SCHEMA.items()}
     return [r for r in read_jsonl(path, schema) if r["task"] == task]
 
 
-def phase_rows(rows: list[dict], phase: str) -> list[dict]:
-    return rows if phase == UNSTAGED else [r for r in rows if r["stage"] == phase]
+def stage_rows(rows: list[dict], stage_name: str) -> list[dict]:
+    return rows if stage_name == UNSTAGED else [r for r in rows if r["stage"] == stage_name]
 
 
 def training_records(rows: list[dict], spec: MethodSpec, epsilons: dict[str, float] | None) -> list[dict]:
@@ -122,13 +122,13 @@ def smoothing_for(rows: list[dict], spec: MethodSpec, ual) -> dict[str, float] |
 
 # --- the stage ----------------------------------------------------------------------------------
 
-def _trainer_args(cfg, phase: str, output_dir: Path, objective: str, device: str, bf16: bool):
+def _trainer_args(cfg, stage_name: str, output_dir: Path, objective: str, device: str, bf16: bool):
     from trl import DPOConfig, SFTConfig
 
     tc = cfg.train
     common = dict(
         output_dir=str(output_dir),
-        num_train_epochs=tc.epochs[phase],
+        num_train_epochs=tc.epochs[stage_name],
         learning_rate=tc.learning_rate,
         lr_scheduler_type=tc.lr_scheduler,
         warmup_steps=0,
@@ -147,7 +147,7 @@ def _trainer_args(cfg, phase: str, output_dir: Path, objective: str, device: str
     )
     if objective == "sft":
         return SFTConfig(**common, completion_only_loss=True)
-    return DPOConfig(**common, beta=tc.beta[phase], loss_type=["sigmoid"])
+    return DPOConfig(**common, beta=tc.beta[stage_name], loss_type=["sigmoid"])
 
 
 def build_trainer(model, tokenizer, records: list[dict], args, spec: MethodSpec, reference: str = "initial"):
@@ -172,13 +172,13 @@ def _new_adapter(model, cfg):
                                             target_modules=list(lora.targets), task_type="CAUSAL_LM"))
 
 
-def _log_rows(history: list[dict], phase: str) -> list[dict]:
+def _log_rows(history: list[dict], stage_name: str) -> list[dict]:
     keep = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
             "mean_token_accuracy", "learning_rate", "grad_norm", "epoch")
     rows = []
     for entry in history:
         if "loss" in entry and "step" in entry:
-            rows.append({"phase": phase, "step": entry["step"], **{k: entry.get(k) for k in keep}})
+            rows.append({"stage": stage_name, "step": entry["step"], **{k: entry.get(k) for k in keep}})
     return rows
 
 
@@ -188,9 +188,9 @@ def _write_curves(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False))
 
 
-def train_variant(stage, is_main_process: bool = True, world_size: int = 1) -> dict:
-    """Train one (task, method) policy; every phase leaves adapters/<phase>/ and phase.json, so an
-    interrupted stage resumes at the first unfinished phase."""
+def train_variant(run, is_main_process: bool = True, world_size: int = 1) -> dict:
+    """Train one (task, method) policy; every stage leaves adapters/<n>_<stage>/ with stage.json, so an
+    interrupted run resumes at the first unfinished stage."""
     import torch
     from peft import PeftModel
     from transformers import set_seed
@@ -198,14 +198,14 @@ def train_variant(stage, is_main_process: bool = True, world_size: int = 1) -> d
     from udasa_lib.models import configure_threads, load_causal_lm, resolve_device, resolve_dtype
     from udasa_lib.on_policy import resample_stage
 
-    cfg = stage.config
-    task, method = stage.variant.split("/")
+    cfg = run.config
+    task, method = run.variant.split("/")
     spec = METHODS[method]
     if task not in cfg.sample.tasks:
-        raise TrainingError(f"04_train {stage.variant}: task {task!r} is not sampled in this config")
+        raise TrainingError(f"04_train {run.variant}: task {task!r} is not sampled in this config")
     threads = configure_threads(cfg.runtime.threads)
-    rows = load_pairs(stage.upstream["03_stage"], spec.pair_set, task)
-    phases = spec.phases(cfg.stage.order)
+    rows = load_pairs(run.upstream["03_pairs"], spec.pair_set, task)
+    stage_names = spec.stages(cfg.train.stage_order)
     epsilons = smoothing_for(rows, spec, cfg.train.ual)
 
     device = resolve_device(cfg.runtime.device)
@@ -214,22 +214,22 @@ def train_variant(stage, is_main_process: bool = True, world_size: int = 1) -> d
     tokenizer.padding_side = "right"
     model = None
     resume_from = None
-    adapters = stage.dir / "adapters"
+    adapters = run.dir / "adapters"
     log: dict[str, Any] = {"task": task, "method": method, "objective": spec.objective, "pair_set": spec.pair_set,
                            "reference": cfg.train.reference if spec.objective == "dpo" else None,
-                           "phases": [], "threads": threads, "device": str(device), "world_size": world_size}
+                           "stages": [], "threads": threads, "device": str(device), "world_size": world_size}
     curves: list[dict] = []
-    for index, phase in enumerate(phases):
-        phase_dir = adapters / f"{index + 1}_{phase}"
-        done_marker = phase_dir / PHASE_DONE
-        records = training_records(phase_rows(rows, phase), spec, epsilons)
+    for index, stage_name in enumerate(stage_names):
+        stage_dir = adapters / f"{index + 1}_{stage_name}"
+        done_marker = stage_dir / STAGE_DONE
+        records = training_records(stage_rows(rows, stage_name), spec, epsilons)
         if not records:
-            raise TrainingError(f"04_train {stage.variant}: stage {phase!r} has zero pairs "
-                                f"(03_stage {PAIRS_FILES[spec.pair_set]}, task {task})")
-        if done_marker.exists():  # resume: this phase finished in an earlier, interrupted run
-            resume_from = phase_dir
+            raise TrainingError(f"04_train {run.variant}: stage {stage_name!r} has zero pairs "
+                                f"(03_pairs {PAIRS_FILES[spec.pair_set]}, task {task})")
+        if done_marker.exists():  # resume: this stage finished in an earlier, interrupted run
+            resume_from = stage_dir
             finished = json.loads(done_marker.read_text())
-            log["phases"].append({**finished["log"], "resumed": True})
+            log["stages"].append({**finished["log"], "resumed": True})
             curves.extend(finished["curves"])
             continue
         if model is None:
@@ -237,47 +237,47 @@ def train_variant(stage, is_main_process: bool = True, world_size: int = 1) -> d
                      else _new_adapter(base, cfg))
         on_policy = None
         if cfg.train.on_policy and spec.staged and index > 0:
-            fresh, on_policy = resample_stage(stage, model, tokenizer, phase_rows(rows, phase), spec, phase, index)
-            atomic_write_jsonl(phase_dir.with_name(f"{phase_dir.name}_on_policy_pairs.jsonl"), fresh)
+            fresh, on_policy = resample_stage(run, model, tokenizer, stage_rows(rows, stage_name), spec, stage_name, index)
+            atomic_write_jsonl(stage_dir.with_name(f"{stage_dir.name}_on_policy_pairs.jsonl"), fresh)
             records = training_records(fresh, spec, smoothing_for(fresh, spec, cfg.train.ual))
             if not records:
-                raise TrainingError(f"04_train {stage.variant}: the on-policy round of stage {phase!r} left zero "
+                raise TrainingError(f"04_train {run.variant}: the on-policy round of stage {stage_name!r} left zero "
                                     f"pairs (dropped: {on_policy['dropped']})")
-        records, lengths = fit_to_length(records, cfg.train.max_length, f"04_train {stage.variant} stage {phase}")
+        records, lengths = fit_to_length(records, cfg.train.max_length, f"04_train {run.variant} stage {stage_name}")
         if not records:
-            raise TrainingError(f"04_train {stage.variant}: every pair of stage {phase!r} has a prompt of "
+            raise TrainingError(f"04_train {run.variant}: every pair of stage {stage_name!r} has a prompt of "
                                 f"train.max_length={cfg.train.max_length} tokens or more")
         set_seed(cfg.train.seed + index)
-        args = _trainer_args(cfg, phase, stage.dir / "checkpoints", spec.objective, device.type, bf16)
+        args = _trainer_args(cfg, stage_name, run.dir / "checkpoints", spec.objective, device.type, bf16)
         started = time.time()
         trainer = build_trainer(model, tokenizer, records, args, spec, cfg.train.reference)
-        trainer.stage_label = f"04_train {stage.variant} stage {phase}"
+        trainer.stage_label = f"04_train {run.variant} stage {stage_name}"
         reference = ("previous" if "ref" in model.peft_config else "initial") if spec.objective == "dpo" else None
         trainer.train()
         if "ref" in model.peft_config:
             model.delete_adapter("ref")
             model.set_adapter("default")
-        phase_curves = _log_rows(trainer.state.log_history, phase)
-        phase_log = {"phase": phase, "index": index + 1, "pairs": len(records), "max_length": lengths,
+        stage_curves = _log_rows(trainer.state.log_history, stage_name)
+        stage_log = {"stage": stage_name, "index": index + 1, "pairs": len(records), "max_length": lengths,
                      "steps": trainer.state.global_step,
-                     "epochs": cfg.train.epochs[phase], "beta": cfg.train.beta[phase] if spec.objective == "dpo" else None,
+                     "epochs": cfg.train.epochs[stage_name], "beta": cfg.train.beta[stage_name] if spec.objective == "dpo" else None,
                      "reference_used": reference, "on_policy": on_policy, "seconds": round(time.time() - started, 2),
-                     "pairs_per_s": round(len(records) * cfg.train.epochs[phase] / (time.time() - started), 3)}
+                     "pairs_per_s": round(len(records) * cfg.train.epochs[stage_name] / (time.time() - started), 3)}
         if is_main_process:
-            model.save_pretrained(phase_dir, selected_adapters=["default"])
-            atomic_write_json(done_marker, {"log": phase_log, "curves": phase_curves})
+            model.save_pretrained(stage_dir, selected_adapters=["default"])
+            atomic_write_json(done_marker, {"log": stage_log, "curves": stage_curves})
         trainer.accelerator.wait_for_everyone()
-        log["phases"].append(phase_log)
-        curves.extend(phase_curves)
+        log["stages"].append(stage_log)
+        curves.extend(stage_curves)
         del trainer
     if is_main_process:
         final = adapters / "final"
         with atomic_folder(final) as staging:
-            shutil.copytree(adapters / f"{len(phases)}_{phases[-1]}", staging, ignore=shutil.ignore_patterns(PHASE_DONE))
-        _write_curves(stage.dir / CURVES_FILE, curves)
+            shutil.copytree(adapters / f"{len(stage_names)}_{stage_names[-1]}", staging, ignore=shutil.ignore_patterns(STAGE_DONE))
+        _write_curves(run.dir / CURVES_FILE, curves)
         log["adapter_sha256"] = adapter_hash(final)
-        atomic_write_json(stage.dir / TRAIN_LOG, log)
-        shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
+        atomic_write_json(run.dir / TRAIN_LOG, log)
+        shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)
     return log
 
 
@@ -301,7 +301,7 @@ def plot_curves(stage_dir: Path, title: str) -> Path:
     metrics = [m for m in ("loss", "rewards/margins", "rewards/accuracies") if m in curves and curves[m].notna().any()]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        sns.lineplot(data=curves, x="global step", y=metric, hue="phase", ax=ax, legend=ax is axes[0][0])
+        sns.lineplot(data=curves, x="global step", y=metric, hue="stage", ax=ax, legend=ax is axes[0][0])
     fig.suptitle(title)
     fig.tight_layout()
     path = atomic_save_figure(fig, Path(stage_dir) / CURVES_FIGURE)
@@ -309,17 +309,17 @@ def plot_curves(stage_dir: Path, title: str) -> Path:
     return path
 
 
-def run_training(stage) -> dict:
+def run_training(run) -> dict:
     """Stage 04_train for one variant: train (in this process, or under `accelerate launch` when
     runtime.num_processes > 1), record the log in the manifest, draw curves.png."""
-    log = _train(stage)
-    stage.add_to_manifest(train=log)
-    plot_curves(stage.dir, stage.variant)
+    log = _train(run)
+    run.add_to_manifest(train=log)
+    plot_curves(run.dir, run.variant)
     return log
 
 
-def _train(stage) -> dict:
-    runtime = stage.config.runtime
+def _train(run) -> dict:
+    runtime = run.config.runtime
     if runtime.num_processes > 1:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(runtime.num_processes)]
         if runtime.accelerate_config:
@@ -328,11 +328,11 @@ def _train(stage) -> dict:
             command += ["--config_file", resolve_name_or_path(runtime.accelerate_config)]
         if runtime.device == "cpu":
             command += ["--multi_gpu"]  # accelerate's CPU path needs MPI; this is torchrun, gloo on CPU
-        command += ["-m", "udasa_lib.train", "--config", str(stage.config_path), "--overrides",
-                    json.dumps(stage.overrides), "--name", stage.run_name, "--variant", stage.variant]
+        command += ["-m", "udasa_lib.train", "--config", str(run.config_path), "--overrides",
+                    json.dumps(run.overrides), "--name", run.run_name, "--variant", run.variant]
         subprocess.run(command, check=True)
-        return json.loads((stage.dir / TRAIN_LOG).read_text())
-    return train_variant(stage)
+        return json.loads((run.dir / TRAIN_LOG).read_text())
+    return train_variant(run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # torchrun's variables: the Trainer's accelerator joins the process group itself (gloo on CPU)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    stage = open_stage("04_train", args.config, args.overrides, args.name or None, args.variant)
-    train_variant(stage, rank == 0, world_size)
+    run = open_stage("04_train", args.config, args.overrides, args.name or None, args.variant)
+    train_variant(run, rank == 0, world_size)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return 0

@@ -40,9 +40,9 @@ def minmax_within(values: Sequence[float]) -> np.ndarray:
 def normalised_weights(weights: Mapping[str, float]) -> dict[str, float]:
     unknown = set(weights) - set(DIMENSIONS)
     if unknown:
-        raise ValueError(f"stage.weights: unknown dimension(s) {sorted(unknown)}; use {DIMENSIONS}")
+        raise ValueError(f"pairs.weights: unknown dimension(s) {sorted(unknown)}; use {DIMENSIONS}")
     if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-        raise ValueError(f"stage.weights must be non-negative with a positive sum, got {dict(weights)}")
+        raise ValueError(f"pairs.weights must be non-negative with a positive sum, got {dict(weights)}")
     total = sum(weights.values())
     return {d: weights.get(d, 0.0) / total for d in DIMENSIONS}
 
@@ -70,7 +70,7 @@ def pick_pair(u: np.ndarray, strategy: str, rng: random.Random,
     elif strategy == "random":
         rejected = rng.choice(order[1:])
     else:
-        raise ValueError(f"stage.rejected_strategy: unknown {strategy!r} (max, second, random)")
+        raise ValueError(f"pairs.rejected_strategy: unknown {strategy!r} (max, second, random)")
     return chosen, rejected
 
 
@@ -81,7 +81,7 @@ def assign_stages(delta_u: Sequence[float], cut_points: Sequence[float] = ()) ->
     n = len(delta_u)
     if cut_points:
         if len(cut_points) != 2 or cut_points[0] > cut_points[1]:
-            raise ValueError(f"stage.cut_points must be [low, high] with low <= high, got {list(cut_points)}")
+            raise ValueError(f"pairs.cut_points must be [low, high] with low <= high, got {list(cut_points)}")
         low, high = cut_points
         return ["conservative" if d > high else "exploratory" if d <= low else "moderate" for d in delta_u]
     ranked = sorted(range(n), key=lambda i: (-delta_u[i], i))
@@ -205,26 +205,26 @@ def response_table(samples: list[dict], scores: list[dict], weights: Mapping[str
     return rows
 
 
-def run_staging(stage) -> dict:
-    """03_stage: pairs.jsonl (combined weights), pairs_<dimension>.jsonl (ablations), responses.jsonl."""
+def run_pairs(run) -> dict:
+    """03_pairs: pairs.jsonl (combined weights), pairs_<dimension>.jsonl (ablations), responses.jsonl."""
     from udasa_lib.io import atomic_write_json, atomic_write_jsonl
     from udasa_lib.sample import SAMPLES_FILE, load_samples
     from udasa_lib.score import SCORES_FILE, load_scores
 
-    cfg = stage.config.stage
-    samples = load_samples(stage.upstream["01_sample"] / SAMPLES_FILE)
-    scores = load_scores(stage.upstream["02_score"] / SCORES_FILE)
+    cfg = run.config.pairs
+    samples = load_samples(run.upstream["01_sample"] / SAMPLES_FILE)
+    scores = load_scores(run.upstream["02_score"] / SCORES_FILE)
     pair_sets = {"combined": cfg.weights, **{d: ablation_weights(d) for d in DIMENSIONS}}
     summary = {}
     for name, weights in pair_sets.items():
         pairs, dropped = build_pairs(samples, scores, weights, cfg.rejected_strategy, cfg.tie_epsilon,
-                                     cfg.cut_points, stage.config.seed, cfg.truncated)
-        atomic_write_jsonl(stage.dir / (PAIRS_FILE if name == "combined" else f"pairs_{name}.jsonl"), pairs)
+                                     cfg.cut_points, run.config.seed, cfg.truncated)
+        atomic_write_jsonl(run.dir / (PAIRS_FILE if name == "combined" else f"pairs_{name}.jsonl"), pairs)
         counts = {f"{task}/{s}": sum(1 for p in pairs if p["task"] == task and p["stage"] == s)
                   for task in sorted({r["task"] for r in samples}) for s in STAGE_NAMES}
         summary[name] = {"pairs": len(pairs), "dropped": dropped, "stage_sizes": counts,
                          "cut": cut_counts(samples, pairs, cfg.truncated)}
-    atomic_write_jsonl(stage.dir / "responses.jsonl", response_table(samples, scores, cfg.weights))
-    atomic_write_json(stage.dir / SUMMARY_FILE, summary)
-    stage.add_to_manifest(pair_sets=summary)
+    atomic_write_jsonl(run.dir / "responses.jsonl", response_table(samples, scores, cfg.weights))
+    atomic_write_json(run.dir / SUMMARY_FILE, summary)
+    run.add_to_manifest(pair_sets=summary)
     return summary
