@@ -219,4 +219,4 @@ def test_over_long_prompts_are_counted_and_dropped():
         kept, counts = train.fit_to_length(records, 8, "test")
     assert counts == {"prompt_fills": 1, "completion_cut": 1} and kept == records[1:]
     sft = {"input_ids": [1] * 9 + [2], "completion_mask": [0] * 9 + [1]}
-    assert train.length_report([sft], 8) == {"prompt_fills": 1, "completion_cut": 0}
+    assert train.length_fit(sft, 8) == "prompt_fills" and train.length_fit(sft, 10) == "fits"

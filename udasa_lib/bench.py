@@ -30,11 +30,9 @@ from udasa_lib.io import atomic_write_json
 
 
 def _count_new_tokens(sequences, prompt_length: int, eos_ids: set[int]) -> int:
-    total = 0
-    for row in sequences[:, prompt_length:].tolist():
-        end = next((t + 1 for t, tok in enumerate(row) if tok in eos_ids), len(row))
-        total += end
-    return total
+    from udasa_lib.generation import trim_at_eos
+
+    return sum(len(trim_at_eos(row, eos_ids)[0]) for row in sequences[:, prompt_length:].tolist())
 
 
 def bench_sampling(cfg: config_mod.Config, n_prompts: int) -> dict:

@@ -169,13 +169,14 @@ def cut_counts(samples: list[dict], pairs: list[dict], truncated: Mapping[str, s
     out = {}
     for task in sorted({r["task"] for r in samples}):
         responses = [r for record in samples if record["task"] == task for r in record["responses"]]
+        n_cut = sum(is_cut(r) for r in responses)
         mine = [p for p in pairs if p["task"] == task]
         chosen_cut = sum(p["chosen_finish_reason"] != FINISH_EOS for p in mine)
         rejected_cut = sum(p["rejected_finish_reason"] != FINISH_EOS for p in mine)
         out[task] = {
             "policy": truncated.get(task, "keep"),
-            "responses": len(responses), "responses_cut": sum(is_cut(r) for r in responses),
-            "responses_cut_share": round(sum(is_cut(r) for r in responses) / max(1, len(responses)), 3),
+            "responses": len(responses), "responses_cut": n_cut,
+            "responses_cut_share": round(n_cut / max(1, len(responses)), 3),
             "pairs": len(mine), "pairs_chosen_cut": chosen_cut, "pairs_rejected_cut": rejected_cut,
             "pairs_any_cut": sum(p["chosen_finish_reason"] != FINISH_EOS or p["rejected_finish_reason"] != FINISH_EOS
                                  for p in mine),

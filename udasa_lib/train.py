@@ -78,23 +78,18 @@ def training_records(rows: list[dict], spec: MethodSpec, epsilons: dict[str, flo
     return records
 
 
-def length_report(records: list[dict], max_length: int) -> dict[str, int]:
-    """How many records trl's keep_start truncation to max_length touches: `prompt_fills` have no
-    completion token left (dropped before training), `completion_cut` lose a completion's tail."""
-    def lengths(record):
-        if "input_ids" in record:
-            prompt = record["completion_mask"].index(1) if 1 in record["completion_mask"] else len(record["input_ids"])
-            return prompt, [len(record["input_ids"]) - prompt]
-        return len(record["prompt_ids"]), [len(record["chosen_ids"]), len(record["rejected_ids"])]
-
-    fills = cut = 0
-    for record in records:
-        prompt, completions = lengths(record)
-        if prompt >= max_length:
-            fills += 1
-        elif any(prompt + c > max_length for c in completions):
-            cut += 1
-    return {"prompt_fills": fills, "completion_cut": cut}
+def length_fit(record: dict, max_length: int) -> str:
+    """How trl's keep_start truncation to max_length treats one training record: "prompt_fills"
+    (no completion token left), "completion_cut" (a completion loses its tail) or "fits"."""
+    if "input_ids" in record:
+        mask = record["completion_mask"]
+        prompt = mask.index(1) if 1 in mask else len(mask)
+        completions = [len(mask) - prompt]
+    else:
+        prompt, completions = len(record["prompt_ids"]), [len(record["chosen_ids"]), len(record["rejected_ids"])]
+    if prompt >= max_length:
+        return "prompt_fills"
+    return "completion_cut" if any(prompt + c > max_length for c in completions) else "fits"
 
 
 def fit_to_length(records: list[dict], max_length: int, label: str) -> tuple[list[dict], dict[str, int]]:
@@ -102,12 +97,12 @@ def fit_to_length(records: list[dict], max_length: int, label: str) -> tuple[lis
     warn about them and about completions trl will cut; returns (kept records, counts)."""
     import warnings
 
-    counts = length_report(records, max_length)
+    fits = [length_fit(r, max_length) for r in records]
+    counts = {kind: fits.count(kind) for kind in ("prompt_fills", "completion_cut")}
     if counts["prompt_fills"] or counts["completion_cut"]:
         warnings.warn(f"{label}: train.max_length={max_length}: {counts['prompt_fills']} pair(s) dropped (prompt fills "
                       f"it), {counts['completion_cut']} with a completion cut to fit", stacklevel=2)
-    kept = [r for r in records if length_report([r], max_length)["prompt_fills"] == 0]
-    return kept, counts
+    return [r for r, fit in zip(records, fits) if fit != "prompt_fills"], counts
 
 
 def smoothing_for(rows: list[dict], spec: MethodSpec, ual) -> dict[str, float] | None:
