@@ -74,14 +74,45 @@ def test_generate_greedy_at_temperature_zero_repeats_and_batches_like_alone(tiny
         generation.generate(model, tokenizer, ROWS, max_new_tokens=2, temperature=-1.0)
 
 
-def test_generated_logprobs_equal_teacher_forcing(tiny_model):
+@pytest.mark.parametrize("engine", generation.ENGINES)
+def test_generated_logprobs_equal_teacher_forcing(tiny_model, engine):
     model, tokenizer = tiny_model
     rows = generation.generate(model, tokenizer, ROWS, max_new_tokens=6, temperature=1.0, num_return_sequences=2,
-                               seed=4, with_logprobs=True)
+                               seed=4, with_logprobs=True, engine=engine)
     prompts = [p for p in ROWS for _ in range(2)]
     forced = generation.completion_logprobs(model, tokenizer, prompts, [r["token_ids"] for r in rows], batch_size=4)
     for row, teacher in zip(rows, forced):
         assert row["token_logprobs"] == pytest.approx(teacher, abs=1e-4)
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "tiny_gpt2"])
+@pytest.mark.parametrize("rule", [{"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.9, "top_k": 20},
+                                  {"temperature": 0.0}])
+def test_loop_engine_draws_the_same_ids_as_transformers_generate(request, which, rule):
+    model, tokenizer = request.getfixturevalue(which)
+    n = 1 if rule["temperature"] == 0 else 3
+
+    def run(engine):
+        return generation.generate(model, tokenizer, ROWS, max_new_tokens=12, num_return_sequences=n, seed=5,
+                                   with_logprobs=True, engine=engine, **rule)
+
+    # extra EOS ids that every other row meets at a different step (same seed, same draws up to
+    # there), so rows end at different steps and the loop's finished-row handling is exercised
+    drafts = run("hf")
+    stops = {row["token_ids"][2 + r % 5] for r, row in enumerate(drafts) if r % 2 == 0}
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *sorted(stops)]
+    try:
+        hf, loop = run("hf"), run("loop")
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert [r["token_ids"] for r in loop] == [r["token_ids"] for r in hf]
+    assert [r["finish_reason"] for r in loop] == [r["finish_reason"] for r in hf]
+    assert "eos" in {r["finish_reason"] for r in loop}
+    for a, b in zip(loop, hf):
+        assert a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-4)
+    with pytest.raises(ValueError, match="unknown generation engine"):
+        generation.generate(model, tokenizer, ROWS, max_new_tokens=2, temperature=1.0, engine="vllm")
 
 
 def test_trim_at_eos():

@@ -1,105 +1,199 @@
-"""`make bench`: speed goals measured, never asserted in tests.
+"""`make bench`: speed goals measured against this machine's own matmul rate, never asserted in tests.
 
-sampling: tokens/s of the batched sampler (01_sample's path: B prompts x K sequences per
-generate call, left padding) against plain `generate` called one prompt at a time, on the same
-prompts, model, K and max_new_tokens, in one process, one after the other. Two baselines:
-  one_sequence_per_call   the naive loop: K calls per prompt, one sequence each
-  k_sequences_per_call    one call per prompt with num_return_sequences=K
-Only response tokens up to and including EOS count, so the padding a batch wastes on
-sequences that stopped early is charged to the batched path.
+Everything is measured in one process, one path after the other, so the ratios compare like
+with like on a shared, noisy machine.
 
-scoring: wall time of 02_score's computation (embedder and probe loading included) on the
-samples of CONFIG's own 01_sample stage, against the time sampling them takes. The sampling
-time is the stage's generated tokens at the batched rate this same run measured, so a stage
-that ran beside other work is not credited with a slow sampler; the time 01_sample recorded
-is reported beside it. Needs `make reproduce` to have run 01_sample for CONFIG.
+machine: fp32 GFLOP/s of this CPU on the policy's own linear-layer shapes (every nn.Linear of the
+model, the LM head included, `F.linear` as the model calls it), at a decode-like row count (the
+sampler's B*K rows) and a training-like one (the tokens of one DPO batch). A path's FLOP bound is
+what it would reach if it did nothing but those matmuls at that rate: tokens/s = rate / (2 * linear
+parameters) for generation; for training, policy forward + backward (2 x 2 FLOPs per parameter and
+token; LoRA's own gradients and attention scores are left out) and one reference forward per pair.
 
-training: DPO pairs/s of 04_train's configured path (UALDPOTrainer, the config's batch size,
-max length, LoRA and learning rate) against trl's DPOTrainer with its default DPOConfig (only
-output_dir, one epoch and the CPU flag set; the same LoRA, since without it trl trains the
-full model against a second copy), on the same pairs of CONFIG's 03_pairs, one after the other.
+generation: 01_sample's path on the same prompts, seeds and model with each engine of
+`generation.generate`: "hf" (transformers' generate: today's batched path) and "loop" (the
+default). Only response tokens up to and including EOS count. Also: how many rows the two engines
+drew identically, and the largest |log-prob - teacher-forced log-prob| of each engine's tokens.
+The old baselines (one prompt per generate call, K or 1 sequences per call) run on a few prompts.
+
+scoring: wall time of 02_score's computation on the samples of CONFIG's own 01_sample stage,
+against the time sampling them takes at the rate this run measured for the default engine
+(01_sample's recorded time is reported beside it). Needs `make reproduce` to have run 01_sample.
+
+training: the DPO-type methods of CONFIG's alignment task on the same pairs of 03_pairs. Today's
+path computes pi_0's log-probs in every step of every method; the shared path computes them once
+(one reference pass, `udasa_lib/reference_logps.py`) and every method reads them. One method is
+trained each way (every DPO-type method runs the same steps on the same pairs); N methods cost N
+trainings plus, on the shared path, one reference pass. trl's DPOTrainer with its defaults is the
+third path, as before.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from udasa_lib import REPO_ROOT, config as config_mod
 from udasa_lib.io import atomic_write_json
 
-
-def _count_new_tokens(sequences, prompt_length: int, eos_ids: set[int]) -> int:
-    from udasa_lib.generation import trim_at_eos
-
-    return sum(len(trim_at_eos(row, eos_ids)[0]) for row in sequences[:, prompt_length:].tolist())
+BENCH_FILE = "bench.json"
+BENCH_FIGURE = "bench.png"
 
 
-def bench_sampling(cfg: config_mod.Config, n_prompts: int) -> dict:
+# --- the machine --------------------------------------------------------------------------------
+
+def linear_shapes(model) -> list[tuple[int, int]]:
+    """(in_features, out_features) of every nn.Linear the forward runs, LM head included."""
     import torch
 
-    from udasa_lib import data, generation, sample
-    from udasa_lib.models import configure_threads, load_causal_lm
+    return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
-    threads = configure_threads(cfg.runtime.threads)
-    model, tokenizer = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, cfg.runtime.device)
+
+def flops_per_token(model) -> int:
+    """Matmul FLOPs of one token's forward pass: 2 x the linear layers' parameters."""
+    return 2 * sum(i * o for i, o in linear_shapes(model))
+
+
+def matmul_rate(model, rows: int, repeats: int = 5) -> float:
+    """GFLOP/s of `F.linear` on every linear shape of `model` with `rows` input rows, fp32, one
+    forward's worth of matmuls per repeat; the median repeat counts (the first is a warm-up)."""
+    import torch
+    import torch.nn.functional as F
+
+    shapes = linear_shapes(model)
+    distinct = {shape: shapes.count(shape) for shape in shapes}
+    weights = {shape: torch.randn(shape[1], shape[0]) for shape in distinct}
+    inputs = {shape: torch.randn(rows, shape[0]) for shape in distinct}
+    flops = sum(2 * rows * i * o * n for (i, o), n in distinct.items())
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            for shape, n in distinct.items():
+                for _ in range(n):
+                    F.linear(inputs[shape], weights[shape])
+            times.append(time.perf_counter() - started)
+    return flops / statistics.median(times[1:]) / 1e9
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+def _bench_prompts(cfg, tokenizer, n_prompts: int) -> list[list[int]]:
+    from udasa_lib import data, generation
+
     task = cfg.sample.tasks["alignment"]
     texts = [r["text"] for r in data.load_benign()[: n_prompts // 2]]
     texts += [r["text"] for r in data.load_advbench()[: n_prompts - len(texts)]]
-    prompts = [generation.encode_prompt(tokenizer, generation.format_prompt(tokenizer, t, task.chat_template))
-               for t in texts]
-    k, max_new = cfg.sample.k, task.max_new_tokens
-    eos_ids = generation.eos_ids(model, tokenizer)
-    gen_kwargs = dict(max_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id,
-                      **generation.sampling_kwargs(cfg.sample.temperature, cfg.sample.top_p, cfg.sample.top_k))
-
-    sample.generate_batch(model, tokenizer, prompts[:1], k=1, temperature=1.0, top_p=1.0, top_k=0,
-                          max_new_tokens=4, seed=0)  # warm-up: first-call allocations are not throughput
-
-    started = time.perf_counter()
-    batched_tokens = 0
-    for i in range(0, len(prompts), cfg.sample.batch_prompts):
-        out = sample.generate_batch(model, tokenizer, prompts[i: i + cfg.sample.batch_prompts], k=k,
-                                    temperature=cfg.sample.temperature, top_p=cfg.sample.top_p,
-                                    top_k=cfg.sample.top_k, max_new_tokens=max_new, seed=i)
-        batched_tokens += sum(len(r["token_ids"]) for responses in out for r in responses)
-    batched_s = time.perf_counter() - started
-
-    def loop(sequences_per_call: int) -> tuple[int, float]:
-        torch.manual_seed(0)
-        tokens, begin = 0, time.perf_counter()
-        for prompt in prompts:
-            input_ids = torch.tensor([prompt], device=model.device)
-            for _ in range(k // sequences_per_call):
-                with torch.inference_mode():
-                    sequences = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                               num_return_sequences=sequences_per_call, **gen_kwargs)
-                tokens += _count_new_tokens(sequences, input_ids.shape[1], eos_ids)
-        return tokens, time.perf_counter() - begin
-
-    single_tokens, single_s = loop(1)
-    k_tokens, k_s = loop(k)
-    batched_rate = batched_tokens / batched_s
-    return {
-        "model": cfg.model.name_or_path, "threads": threads, "device": str(model.device),
-        "prompts": len(prompts), "k": k, "max_new_tokens": max_new, "batch_prompts": cfg.sample.batch_prompts,
-        "batched": {"tokens": batched_tokens, "seconds": round(batched_s, 2), "tokens_per_s": round(batched_rate, 1)},
-        "one_sequence_per_call": {"tokens": single_tokens, "seconds": round(single_s, 2),
-                                  "tokens_per_s": round(single_tokens / single_s, 1)},
-        "k_sequences_per_call": {"tokens": k_tokens, "seconds": round(k_s, 2), "tokens_per_s": round(k_tokens / k_s, 1)},
-        "speedup_vs_one_sequence_per_call": round(batched_rate / (single_tokens / single_s), 2),
-        "speedup_vs_k_sequences_per_call": round(batched_rate / (k_tokens / k_s), 2),
-        "goal": "speedup_vs_one_sequence_per_call >= 4 on the default model",
-    }
+    return [generation.encode_prompt(tokenizer, generation.format_prompt(tokenizer, t, task.chat_template))
+            for t in texts]
 
 
-def bench_scoring(cfg: config_mod.Config, config_path: str, batched_tokens_per_s: float | None) -> dict:
+def _sample_all(cfg, model, tokenizer, prompts, engine: str) -> tuple[list[dict], float]:
+    from udasa_lib import generation
+
+    task = cfg.sample.tasks["alignment"]
+    rows, started = [], time.perf_counter()
+    for b, i in enumerate(range(0, len(prompts), cfg.sample.batch_prompts)):
+        rows += generation.generate(model, tokenizer, prompts[i: i + cfg.sample.batch_prompts],
+                                    max_new_tokens=task.max_new_tokens, temperature=cfg.sample.temperature,
+                                    top_p=cfg.sample.top_p, top_k=cfg.sample.top_k, num_return_sequences=cfg.sample.k,
+                                    seed=generation.batch_seed(cfg.seed, "bench", b), with_logprobs=True, engine=engine)
+    return rows, time.perf_counter() - started
+
+
+def _naive_loop(cfg, model, tokenizer, prompts, sequences_per_call: int) -> tuple[int, float]:
+    """One prompt per transformers generate call, `sequences_per_call` sequences each (the old baselines)."""
+    import torch
+
+    from udasa_lib import generation
+
+    eos = generation.eos_ids(model, tokenizer)
+    kwargs = dict(max_new_tokens=cfg.sample.tasks["alignment"].max_new_tokens, pad_token_id=generation.pad_id_of(tokenizer),
+                  **generation.sampling_kwargs(cfg.sample.temperature, cfg.sample.top_p, cfg.sample.top_k))
+    torch.manual_seed(0)
+    tokens, started = 0, time.perf_counter()
+    for prompt in prompts:
+        input_ids = torch.tensor([prompt], device=model.device)
+        for _ in range(cfg.sample.k // sequences_per_call):
+            with torch.inference_mode():
+                out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                     num_return_sequences=sequences_per_call, **kwargs)
+            tokens += sum(len(generation.trim_at_eos(row, eos)[0]) for row in out[:, input_ids.shape[1]:].tolist())
+    return tokens, time.perf_counter() - started
+
+
+def bench_generation(cfg, model, tokenizer, n_prompts: int, baseline_prompts: int, decode_rate: float) -> dict:
+    from udasa_lib import generation
+
+    prompts = _bench_prompts(cfg, tokenizer, n_prompts)
+    generation.generate(model, tokenizer, prompts[:1], max_new_tokens=4, temperature=1.0)  # warm-up allocations
+    bound = decode_rate * 1e9 / flops_per_token(model)
+    result: dict = {"prompts": len(prompts), "k": cfg.sample.k, "batch_prompts": cfg.sample.batch_prompts,
+                    "rows_per_call": cfg.sample.batch_prompts * cfg.sample.k,
+                    "max_new_tokens": cfg.sample.tasks["alignment"].max_new_tokens,
+                    "flop_bound_tokens_per_s": round(bound, 1)}
+    runs = {}
+    for engine in ("hf", "loop"):
+        rows, seconds = _sample_all(cfg, model, tokenizer, prompts, engine)
+        runs[engine] = rows
+        tokens = sum(len(r["token_ids"]) for r in rows)
+        expanded = [p for p in prompts for _ in range(cfg.sample.k)]
+        forced = generation.completion_logprobs(model, tokenizer, expanded, [r["token_ids"] for r in rows])
+        diff = max((abs(a - b) for r, f in zip(rows, forced) for a, b in zip(r["token_logprobs"], f)), default=0.0)
+        result[engine] = {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+                          "fraction_of_flop_bound": round(tokens / seconds / bound, 3),
+                          "max_abs_logprob_diff_vs_teacher_forcing": float(f"{diff:.2e}")}
+    result["identical_rows"] = sum(a["token_ids"] == b["token_ids"] for a, b in zip(runs["hf"], runs["loop"]))
+    result["rows"] = len(runs["hf"])
+    result["speedup_loop_over_hf"] = round(result["loop"]["tokens_per_s"] / result["hf"]["tokens_per_s"], 2)
+    few = prompts[:baseline_prompts]
+    for name, per_call in (("one_sequence_per_call", 1), ("k_sequences_per_call", cfg.sample.k)):
+        tokens, seconds = _naive_loop(cfg, model, tokenizer, few, per_call)
+        result[name] = {"prompts": len(few), "tokens": tokens, "seconds": round(seconds, 2),
+                        "tokens_per_s": round(tokens / seconds, 1),
+                        "fraction_of_flop_bound": round(tokens / seconds / bound, 3)}
+    result["speedup_loop_over_one_sequence_per_call"] = round(
+        result["loop"]["tokens_per_s"] / result["one_sequence_per_call"]["tokens_per_s"], 2)
+    result["goals"] = {"loop >= 2x hf": result["speedup_loop_over_hf"] >= 2,
+                       "loop >= 50 % of the FLOP bound": result["loop"]["fraction_of_flop_bound"] >= 0.5,
+                       "identical ids": result["identical_rows"] == result["rows"]}
+    return result
+
+
+def profile_generation(cfg, model, tokenizer, rows: int = 12) -> dict:
+    """torch.profiler's top operators for one sampling batch, per engine (self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from udasa_lib import generation
+
+    prompts = _bench_prompts(cfg, tokenizer, cfg.sample.batch_prompts)
+    tables = {}
+    for engine in ("hf", "loop"):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            generation.generate(model, tokenizer, prompts, max_new_tokens=cfg.sample.tasks["alignment"].max_new_tokens,
+                                temperature=cfg.sample.temperature, num_return_sequences=cfg.sample.k, seed=1,
+                                with_logprobs=True, engine=engine)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        tables[engine] = {"total_s": round(total / 1e6, 2), "top": [
+            {"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 3), "share": round(e.self_cpu_time_total / total, 3),
+             "calls": e.count} for e in events[:rows]]}
+    return tables
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+def bench_scoring(cfg: config_mod.Config, config_path: str, sampling_tokens_per_s: float | None) -> dict:
     import json
 
     from udasa_lib import pipeline
     from udasa_lib.models import configure_threads
     from udasa_lib.sample import SAMPLES_FILE, load_samples
     from udasa_lib.score import load_principles, score_samples
+    from udasa_lib.value_probe import HARM_PROBE_FILE, HarmProbe
 
     sample_dir = pipeline.results_root() / ".stages" / "01_sample" / pipeline.stage_key(cfg, "01_sample")
     if not (sample_dir / pipeline.MANIFEST).exists():
@@ -109,9 +203,7 @@ def bench_scoring(cfg: config_mod.Config, config_path: str, batched_tokens_per_s
     configure_threads(cfg.runtime.threads)
     records = load_samples(sample_dir / SAMPLES_FILE)
     tokens = sum(len(r["token_ids"]) for record in records for r in record["responses"])
-    sampling_s = tokens / batched_tokens_per_s if batched_tokens_per_s else recorded_s
-    from udasa_lib.value_probe import HARM_PROBE_FILE
-    from udasa_lib.value_probe import HarmProbe
+    sampling_s = tokens / sampling_tokens_per_s if sampling_tokens_per_s else recorded_s
 
     started = time.perf_counter()
     data_dir = pipeline.results_root() / ".stages" / "00_data" / pipeline.stage_key(cfg, "00_data")
@@ -123,10 +215,23 @@ def bench_scoring(cfg: config_mod.Config, config_path: str, batched_tokens_per_s
             "sampling_seconds": round(sampling_s, 1), "sampling_seconds_recorded_by_01_sample": round(recorded_s, 1),
             "scoring_seconds": round(scoring_s, 1), "scoring_breakdown": report["seconds"],
             "scoring_share_of_sampling": round(scoring_s / sampling_s, 3),
-            "goal": "scoring_share_of_sampling < 0.10"}
+            "goals": {"scoring < 10 % of sampling": scoring_s / sampling_s < 0.10}}
 
 
-def bench_training(cfg: config_mod.Config, n_pairs: int) -> dict:
+# --- training -----------------------------------------------------------------------------------
+
+def _dpo_methods(cfg) -> list[str]:
+    from udasa_lib.methods import METHODS
+
+    return [m for m in cfg.train.methods.get("alignment", [])
+            if METHODS[m].objective == "dpo" and METHODS[m].pair_set == "combined"]
+
+
+def _real_tokens(records, max_length: int) -> int:
+    return sum(min(len(r["prompt_ids"]) + len(r[c]), max_length) for r in records for c in ("chosen_ids", "rejected_ids"))
+
+
+def bench_training(cfg: config_mod.Config, n_pairs: int, train_rate: float, with_trl_default: bool = True) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -134,95 +239,211 @@ def bench_training(cfg: config_mod.Config, n_pairs: int) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from udasa_lib import pipeline, train
+    from udasa_lib.methods import METHODS
     from udasa_lib.models import configure_threads, load_causal_lm
+    from udasa_lib.reference_logps import SharedReference, reference_key
 
     stage_dir = pipeline.results_root() / ".stages" / "03_pairs" / pipeline.stage_key(cfg, "03_pairs")
     if not (stage_dir / pipeline.MANIFEST).exists():
         raise SystemExit("bench training: 03_pairs has not run for this config; run `make reproduce` first")
     threads = configure_threads(cfg.runtime.threads)
     rows = train.load_pairs(stage_dir, "combined", "alignment")[:n_pairs]
-    records = train.training_records(rows, train.METHODS["dpo"], None)
-    # trl's own path re-tokenises text and appends EOS: the baseline the configured path is compared with
-    text_records = [{"prompt": r["formatted_prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
-    results = {}
-    for name in ("configured", "trl_default"):
+    records = train.training_records(rows, METHODS["dpo"], None)
+    tokens = _real_tokens(records, cfg.train.max_length)
+    methods = _dpo_methods(cfg) or ["dpo"]
+    scratch = Path(tempfile.mkdtemp(prefix="udasa-bench-"))
+    results: dict = {}
+    per_token = None
+
+    def fresh():
         set_seed(cfg.seed)
         base, tokenizer = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, cfg.runtime.device)
         tokenizer.padding_side = "right"
-        dataset = Dataset.from_list(records if name == "configured" else text_records)
-        cpu = base.device.type == "cpu"
-        if name == "configured":
-            args = train._trainer_args(cfg, train.UNSTAGED, REPO_ROOT / "results" / "bench" / "tmp", "dpo",
-                                       base.device.type, base.dtype == torch.bfloat16)
-            args.logging_steps = 10**6
-            from udasa_lib.trainers import UALDPOTrainer
+        return base, tokenizer
 
-            trainer = UALDPOTrainer(model=train._new_adapter(base, cfg), args=args, train_dataset=dataset,
-                                  processing_class=tokenizer, reference=cfg.train.reference)
-        else:
-            lora = cfg.train.lora
-            args = DPOConfig(output_dir=str(REPO_ROOT / "results" / "bench" / "tmp"), num_train_epochs=1, use_cpu=cpu,
-                             bf16=not cpu, report_to="none", save_strategy="no", logging_steps=10**6)
-            trainer = DPOTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                 peft_config=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                        target_modules=list(lora.targets), task_type="CAUSAL_LM"))
+    for name in ("per_batch_reference", "shared_reference"):
+        base, tokenizer = fresh()
+        per_token = flops_per_token(base)
+        shared = None
+        reference_s = 0.0
+        if name == "shared_reference":
+            shared = SharedReference(records, reference_key(base, max_length=cfg.train.max_length,
+                                                            truncation_mode="keep_start", bf16=False), scratch)
+        model = train._new_adapter(base, cfg)
+        args = train._trainer_args(cfg, train.UNSTAGED, scratch / name, "dpo", base.device.type, False,
+                                   precompute_reference=shared is not None)
+        args.logging_steps = 10**6
+        started = time.perf_counter()
+        trainer = train.build_trainer(model, tokenizer, records, args, METHODS["dpo"], cfg.train.reference, shared)
+        if shared is not None:
+            reference_s = time.perf_counter() - started  # trl's precompute runs in the constructor
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
-        results[name] = {"pairs": len(records), "seconds": round(seconds, 2), "pairs_per_s": round(len(records) / seconds, 3),
-                         "batch_size": args.per_device_train_batch_size, "max_length": args.max_length,
-                         "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16}
+        results[name] = {"pairs": len(records), "train_seconds": round(seconds, 2),
+                         "reference_pass_seconds": round(reference_s, 2) if shared else None,
+                         "pairs_per_s_one_method": round(len(records) / seconds, 3)}
+        del trainer, model, base
+    # N methods: N trainings, plus one reference pass on the shared path
+    n = len(methods)
+    per_batch_s = n * results["per_batch_reference"]["train_seconds"]
+    shared_s = n * results["shared_reference"]["train_seconds"] + results["shared_reference"]["reference_pass_seconds"]
+    # minimum FLOPs of the work: each method's policy forward + backward, and pi_0's forward once
+    # per method (today) or once in all (shared)
+    work = {"per_batch_reference": n * 3 * per_token * tokens, "shared_reference": (n * 2 + 1) * per_token * tokens}
+    for name, seconds in (("per_batch_reference", per_batch_s), ("shared_reference", shared_s)):
+        results[name].update({"methods": n, "seconds_all_methods": round(seconds, 1),
+                              "pairs_per_s": round(n * len(records) / seconds, 3),
+                              "fraction_of_flop_bound": round(work[name] / seconds / (train_rate * 1e9), 3)})
+    if with_trl_default:
+        base, tokenizer = fresh()
+        text_records = [{"prompt": r["formatted_prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+        lora = cfg.train.lora
+        cpu = base.device.type == "cpu"
+        args = DPOConfig(output_dir=str(scratch / "trl"), num_train_epochs=1, use_cpu=cpu, bf16=not cpu,
+                         report_to="none", save_strategy="no", logging_steps=10**6)
+        trainer = DPOTrainer(model=base, args=args, train_dataset=Dataset.from_list(text_records),
+                             processing_class=tokenizer,
+                             peft_config=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                    target_modules=list(lora.targets), task_type="CAUSAL_LM"))
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+        results["trl_default"] = {"pairs": len(records), "seconds": round(seconds, 2),
+                                  "pairs_per_s_one_method": round(len(records) / seconds, 3),
+                                  "batch_size": args.per_device_train_batch_size, "max_length": args.max_length,
+                                  "gradient_checkpointing": args.gradient_checkpointing}
         del trainer, base
-    return {"threads": threads, "model": cfg.model.name_or_path, **results,
-            "ratio_configured_over_trl_default": round(results["configured"]["pairs_per_s"]
-                                                       / results["trl_default"]["pairs_per_s"], 2)}
+    speedup = results["shared_reference"]["pairs_per_s"] / results["per_batch_reference"]["pairs_per_s"]
+    return {"threads": threads, "model": cfg.model.name_or_path, "methods": methods, "batch_size": cfg.train.batch_size,
+            "max_length": cfg.train.max_length, "real_tokens": tokens, **results,
+            "speedup_shared_over_per_batch": round(speedup, 2),
+            "goals": {"shared >= 1.4x today's configured path": speedup >= 1.4}}
+
+
+# --- report -------------------------------------------------------------------------------------
+
+def plot(result: dict, path: Path) -> Path:
+    """bench.png: each path's throughput as a fraction of its FLOP bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from udasa_lib.io import atomic_save_figure
+
+    bars = []
+    generation = result.get("generation")
+    if generation:
+        for name in ("one_sequence_per_call", "k_sequences_per_call", "hf", "loop"):
+            bars.append((f"generate: {name}", generation[name]["fraction_of_flop_bound"]))
+    training = result.get("training")
+    if training:
+        for name in ("per_batch_reference", "shared_reference"):
+            bars.append((f"DPO x{training[name]['methods']}: {name}", training[name]["fraction_of_flop_bound"]))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(bars) + 1.2))
+    ax.barh([b[0] for b in bars][::-1], [b[1] for b in bars][::-1], color="tab:blue")
+    ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("fraction of the FLOP bound (this CPU's fp32 matmul rate on the model's shapes)")
+    machine = result["machine"]
+    ax.set_title(f"{machine['threads']} threads: decode {machine['decode_gflops']} GFLOP/s, "
+                 f"training {machine['training_gflops']} GFLOP/s", fontsize=9)
+    fig.tight_layout()
+    out = atomic_save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+def _print(result: dict) -> None:
+    machine = result["machine"]
+    print(f"machine: fp32 matmul on {machine['model']}'s linear shapes, {machine['threads']} threads: "
+          f"{machine['decode_gflops']} GFLOP/s at {machine['decode_rows']} rows (decode), "
+          f"{machine['training_gflops']} GFLOP/s at {machine['training_rows']} rows (training); "
+          f"{machine['gflop_per_token']} GFLOP per token")
+    g = result.get("generation")
+    if g:
+        print(f"generation: {g['prompts']} prompts x K={g['k']}, {g['max_new_tokens']} new tokens, "
+              f"{g['rows_per_call']} rows per call; FLOP bound {g['flop_bound_tokens_per_s']} tokens/s")
+        for name in ("hf", "loop", "one_sequence_per_call", "k_sequences_per_call"):
+            row = g[name]
+            extra = (f"  |logp - teacher forcing| <= {row['max_abs_logprob_diff_vs_teacher_forcing']}"
+                     if "max_abs_logprob_diff_vs_teacher_forcing" in row else f"  ({row['prompts']} prompts)")
+            print(f"  {name:22s} {row['tokens']:6d} tokens {row['seconds']:7.1f} s {row['tokens_per_s']:7.1f} tokens/s "
+                  f"{100 * row['fraction_of_flop_bound']:5.1f} % of bound{extra}")
+        print(f"  loop / hf: {g['speedup_loop_over_hf']}x (goal >= 2x); identical rows {g['identical_rows']}/{g['rows']}; "
+              f"loop / one sequence per call: {g['speedup_loop_over_one_sequence_per_call']}x")
+    s = result.get("scoring")
+    if s:
+        print(f"scoring {s['responses']} responses: {s['scoring_seconds']} s; sampling them takes {s['sampling_seconds']} s "
+              f"-> {100 * s['scoring_share_of_sampling']:.1f} % (goal < 10 %); breakdown {s['scoring_breakdown']}; "
+              f"01_sample recorded {s['sampling_seconds_recorded_by_01_sample']} s")
+    t = result.get("training")
+    if t:
+        print(f"DPO training, {t['per_batch_reference']['pairs']} pairs ({t['real_tokens']} tokens), methods "
+              f"{', '.join(t['methods'])}, batch {t['batch_size']}, max_length {t['max_length']}:")
+        for name in ("per_batch_reference", "shared_reference"):
+            row = t[name]
+            ref = f", reference pass {row['reference_pass_seconds']} s" if row["reference_pass_seconds"] else ""
+            print(f"  {name:20s} one method {row['train_seconds']:6.1f} s{ref}; {row['methods']} methods "
+                  f"{row['seconds_all_methods']:6.1f} s = {row['pairs_per_s']:.3f} pairs/s, "
+                  f"{100 * row['fraction_of_flop_bound']:.1f} % of bound")
+        if "trl_default" in t:
+            print(f"  trl_default          one method {t['trl_default']['seconds']:6.1f} s "
+                  f"({t['trl_default']['pairs_per_s_one_method']} pairs/s; batch {t['trl_default']['batch_size']}, "
+                  f"max_length {t['trl_default']['max_length']})")
+        print(f"  shared / per batch: {t['speedup_shared_over_per_batch']}x (goal >= 1.4x)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m udasa_lib.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("--prompts", type=int, default=16, help="prompts in the sampling benchmark")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "bench"))
+    parser.add_argument("--prompts", type=int, default=16, help="prompts in the generation benchmark")
+    parser.add_argument("--baseline-prompts", type=int, default=4, help="prompts for the one-call-per-prompt baselines")
     parser.add_argument("--pairs", type=int, default=32, help="pairs in the training benchmark")
-    parser.add_argument("--only", choices=["sampling", "scoring", "training"], default=None)
+    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "bench"))
+    parser.add_argument("--only", choices=["generation", "scoring", "training"], default=None)
+    parser.add_argument("--no-trl-default", action="store_true", help="skip trl's default DPOTrainer baseline")
+    parser.add_argument("--profile", action="store_true", help="also profile one sampling batch per engine")
     args = parser.parse_args(argv)
     cfg = config_mod.resolve(REPO_ROOT / args.config if not args.config.startswith("/") else args.config)
-    batched_rate = None
-    if args.only in (None, "sampling"):
-        batched_rate = _report_sampling(cfg, args)
+
+    from udasa_lib.models import configure_threads, load_causal_lm
+
+    threads = configure_threads(cfg.runtime.threads)
+    model, tokenizer = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, cfg.runtime.device)
+    decode_rows = cfg.sample.batch_prompts * cfg.sample.k
+    training_rows = 2 * cfg.train.batch_size * cfg.train.max_length // 2  # a DPO batch, about half-full rows
+    result: dict = {"config": args.config, "machine": {
+        "model": cfg.model.name_or_path, "threads": threads, "gflop_per_token": round(flops_per_token(model) / 1e9, 3),
+        "decode_rows": decode_rows, "decode_gflops": round(matmul_rate(model, decode_rows), 1),
+        "training_rows": training_rows, "training_gflops": round(matmul_rate(model, training_rows, repeats=3), 1)}}
+    default_rate = None
+    if args.only in (None, "generation"):
+        result["generation"] = bench_generation(cfg, model, tokenizer, args.prompts, args.baseline_prompts,
+                                                result["machine"]["decode_gflops"])
+        default_rate = result["generation"][cfg.runtime.generation_engine]["tokens_per_s"]
+        if args.profile:
+            result["generation_profile"] = profile_generation(cfg, model, tokenizer)
+    del model
     if args.only in (None, "scoring"):
-        scoring = bench_scoring(cfg, args.config, batched_rate)
-        path = atomic_write_json(f"{args.out}/scoring.json", scoring)
-        print(f"scoring {scoring['responses']} responses: {scoring['scoring_seconds']} s; sampling them takes "
-              f"{scoring['sampling_seconds']} s -> {100 * scoring['scoring_share_of_sampling']:.1f} % (goal < 10 %)")
-        print(f"  breakdown: {scoring['scoring_breakdown']}")
-        print(f"  (01_sample itself recorded {scoring['sampling_seconds_recorded_by_01_sample']} s)")
-        print(f"written to {path}")
+        result["scoring"] = bench_scoring(cfg, args.config, default_rate)
     if args.only in (None, "training"):
-        training = bench_training(cfg, args.pairs)
-        path = atomic_write_json(f"{args.out}/training.json", training)
-        print(f"DPO training, {training['configured']['pairs']} pairs, {training['threads']} threads:")
-        for name in ("configured", "trl_default"):
-            row = training[name]
-            print(f"  {name:12s} {row['pairs_per_s']:7.3f} pairs/s  (batch {row['batch_size']}, max_length "
-                  f"{row['max_length']}, gradient checkpointing {row['gradient_checkpointing']})")
-        print(f"  ratio configured / trl default: {training['ratio_configured_over_trl_default']}x")
-        print(f"written to {path}")
+        result["training"] = bench_training(cfg, args.pairs, result["machine"]["training_gflops"],
+                                            with_trl_default=not args.no_trl_default)
+    out = Path(args.out)
+    atomic_write_json(out / BENCH_FILE, result)
+    _print(result)
+    if "generation_profile" in result:
+        for engine, table in result["generation_profile"].items():
+            print(f"profile, engine {engine} (one batch, {table['total_s']} s self CPU):")
+            for row in table["top"]:
+                print(f"  {row['op'][:52]:52s} {row['self_s']:7.3f} s {100 * row['share']:5.1f} %  {row['calls']} calls")
+    if "generation" in result or "training" in result:
+        print(f"written to {out / BENCH_FILE} and {plot(result, out / BENCH_FIGURE)}")
+    else:
+        print(f"written to {out / BENCH_FILE}")
     return 0
-
-
-def _report_sampling(cfg: config_mod.Config, args) -> float:
-    result = bench_sampling(cfg, args.prompts)
-    path = atomic_write_json(f"{args.out}/sampling.json", result)
-    print(f"sampling on {result['model']} ({result['threads']} threads, {result['device']}), "
-          f"{result['prompts']} prompts x K={result['k']}, {result['max_new_tokens']} new tokens max")
-    for name in ("batched", "one_sequence_per_call", "k_sequences_per_call"):
-        row = result[name]
-        print(f"  {name:24s} {row['tokens']:6d} tokens {row['seconds']:8.1f} s {row['tokens_per_s']:8.1f} tokens/s")
-    print(f"  speedup vs one sequence per call: {result['speedup_vs_one_sequence_per_call']}x (goal >= 4x)")
-    print(f"  speedup vs K sequences per call:  {result['speedup_vs_k_sequences_per_call']}x")
-    print(f"written to {path}")
-    return result["batched"]["tokens_per_s"]
 
 
 if __name__ == "__main__":

@@ -73,6 +73,9 @@ class RuntimeConfig:
     device: str  # auto | cpu | cuda | cuda:N
     num_processes: Positive  # >1 runs the stage's heavy part under `accelerate launch` (one per GPU)
     accelerate_config: str  # configs/accelerate/*.yaml for `accelerate launch`; empty = accelerate's defaults
+    # loop = generation._decode_loop (prompt read once per prompt, preallocated KV cache); hf =
+    # transformers' generate, the reference. Both draw the same ids from the same seed.
+    generation_engine: Literal["loop", "hf"]
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def run_eval_harmless(run) -> dict:
     def answers(name, policy):
         outputs = policies.generate(policy, tokenizer, prompt_ids, max_new_tokens=params.max_new_tokens,
                                     batch_size=params.batch_size, temperature=params.temperature, seed=cfg.seed,
-                                    desc=name)
+                                    desc=name, engine=cfg.runtime.generation_engine)
         return [{"id": r["id"], "split": r["split"], "category": r.get("category", ""), "prompt": r["text"],
                  "formatted_prompt": f, "prompt_token_ids": p, "output": o["text"], "token_ids": o["token_ids"],
                  "finish_reason": o["finish_reason"], "n_tokens": len(o["token_ids"])}

@@ -40,7 +40,7 @@ def run_eval_sentiment(run) -> dict:
     def continuations(name, policy):
         outputs = policies.generate(policy, tokenizer, prompt_ids, max_new_tokens=params.max_new_tokens,
                                     batch_size=params.batch_size, temperature=params.temperature, seed=cfg.seed,
-                                    desc=name)
+                                    desc=name, engine=cfg.runtime.generation_engine)
         completions = [o["token_ids"] for o in outputs]
         logp_policy = policies.sequence_logprobs(policy, tokenizer, prompt_ids, completions, params.batch_size)
         with policy_set.use(policies.BASE) as reference:

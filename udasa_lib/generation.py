@@ -105,29 +105,60 @@ def forward_left_padded(model, rows: Sequence[Sequence[int]], pad_id: int, **kwa
     return model(**batch, **kwargs)
 
 
+ENGINES = ("loop", "hf")
+
+
 def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
              top_p: float = 1.0, top_k: int = 0, num_return_sequences: int = 1, seed: int = 0,
-             with_logprobs: bool = False) -> list[dict[str, Any]]:
+             with_logprobs: bool = False, engine: str = "loop") -> list[dict[str, Any]]:
     """Continuations of every prompt, prompt-major: rows [i * n + j] is prompt i's j-th continuation.
 
     Each row: token_ids (to the first EOS inclusive), finish_reason ("eos" | "length"), text (decoded
     without special tokens, stripped: for reading and text scorers only) and, with `with_logprobs`,
     token_logprobs[t] = log softmax(raw logits_t)[y_t], the untempered policy's log-prob (shape [T]).
-    Prompts are repeated n times before the call, which draws the same samples as transformers'
+
+    engine "loop" (default) is this module's decode loop (`_decode_loop`); "hf" is transformers'
+    `generate`, kept as the reference. Both draw from one `torch.manual_seed(seed)` with one
+    `torch.multinomial` per step over the same B*n rows and the same logits warpers, so they
+    produce the same ids (tests/test_generation.py checks it on the tiny model and `make bench` on
+    the default one). Prompts are repeated n times, which draws the same samples as transformers'
     num_return_sequences and also works for greedy decoding.
+    Raises ValueError for n < 1 or an unknown engine.
     """
     import torch
 
     if num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown generation engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    sampling_kwargs(temperature, top_p, top_k)  # the one temperature rule, checked for both engines
     if not prompt_ids:
         return []
-    expanded = [list(p) for p in prompt_ids for _ in range(num_return_sequences)]
-    batch = left_pad(expanded, pad_id_of(tokenizer))
-    device = next(model.parameters()).device
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+    decode = _decode_loop if engine == "loop" else _decode_hf
+    generated, logprobs = decode(model, tokenizer, [list(p) for p in prompt_ids], num_return_sequences,
+                                 max_new_tokens, temperature, top_p, top_k, with_logprobs)
+    eos = eos_ids(model, tokenizer)
+    rows = []
+    for r, sequence in enumerate(generated):
+        ids, finish = trim_at_eos(sequence, eos)
+        row = {"text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "token_ids": ids,
+               "finish_reason": finish}
+        if with_logprobs:
+            row["token_logprobs"] = [round(v, 6) for v in logprobs[r][: len(ids)]]
+        rows.append(row)
+    return rows
+
+
+def _decode_hf(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, top_k, with_logprobs):
+    """transformers' generate on the prompts repeated n times: (ids per row, log-probs per row or None)."""
+    import torch
+
+    expanded = [p for p in prompts for _ in range(n)]
+    batch = left_pad(expanded, pad_id_of(tokenizer))
+    device = next(model.parameters()).device
     with torch.inference_mode():
         out = model.generate(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
@@ -135,19 +166,144 @@ def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
             output_logits=with_logprobs, **sampling_kwargs(temperature, top_p, top_k),
         )
         generated = out.sequences[:, batch["input_ids"].shape[1]:]
+        logprobs = None
         if with_logprobs:
             logits = torch.stack(out.logits, dim=1).float()  # [B*n, T, V]
-            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
-    eos = eos_ids(model, tokenizer)
-    rows = []
-    for r in range(generated.shape[0]):
-        ids, finish = trim_at_eos(generated[r].tolist(), eos)
-        row = {"text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "token_ids": ids,
-               "finish_reason": finish}
-        if with_logprobs:
-            row["token_logprobs"] = [round(v, 6) for v in logprobs[r, : len(ids)].tolist()]
-        rows.append(row)
-    return rows
+            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1).tolist()
+    return generated.tolist(), logprobs
+
+
+def _logits_warpers(temperature: float, top_p: float, top_k: int):
+    """transformers' sampling warpers in transformers' order (temperature, top-k, top-p), each only
+    when it changes the distribution, as `generate` builds them: the same scores, the same draws."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k=top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p))
+    return warpers
+
+
+class _PreallocatedLayer:
+    """A KV-cache layer whose keys/values live in one buffer sized for the whole generation: each
+    step writes one position in place and exposes a view of the filled part, where transformers'
+    DynamicLayer concatenates (copies) the whole cache on every step of every layer."""
+
+    @staticmethod
+    def make(capacity: int):
+        from transformers.cache_utils import DynamicLayer
+
+        class PreallocatedLayer(DynamicLayer):
+            def lazy_initialization(self, key_states, value_states):
+                super().lazy_initialization(key_states, value_states)
+                batch, heads, _, _ = key_states.shape
+                self._key_buffer = key_states.new_empty((batch, heads, capacity, key_states.shape[-1]))
+                self._value_buffer = value_states.new_empty((batch, heads, capacity, value_states.shape[-1]))
+                self._length = 0
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                end = self._length + key_states.shape[-2]
+                self._key_buffer[:, :, self._length:end] = key_states
+                self._value_buffer[:, :, self._length:end] = value_states
+                self._length = end
+                self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+                return self.keys, self.values
+
+            def batch_repeat_interleave(self, repeats: int) -> None:
+                self._key_buffer = self._key_buffer.repeat_interleave(repeats, dim=0)
+                self._value_buffer = self._value_buffer.repeat_interleave(repeats, dim=0)
+                self.keys, self.values = self._key_buffer[:, :, :self._length], self._value_buffer[:, :, :self._length]
+
+            def batch_select_indices(self, indices) -> None:
+                self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
+                self.keys, self.values = self._key_buffer[:, :, :self._length], self._value_buffer[:, :, :self._length]
+
+        return PreallocatedLayer()
+
+
+def _new_cache(model, capacity: int):
+    """A preallocated cache when every layer attends to the full context (Llama, Qwen, GPT-2, ...);
+    transformers' DynamicCache for any other layer structure (sliding windows, linear attention)."""
+    from transformers.cache_utils import Cache, DynamicCache
+
+    config = model.config.get_text_config(decoder=True)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    if any(kind != "full_attention" for kind in layer_types):
+        return DynamicCache(config=model.config)
+    return Cache(layers=[_PreallocatedLayer.make(capacity) for _ in layer_types])
+
+
+def _decode_loop(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, top_k, with_logprobs):
+    """Autoregressive decoding with the prompt read once per prompt rather than once per continuation.
+
+    1. Prefill: the B distinct prompts, left-padded, one forward pass; its cache and last logits are
+       repeated n times (rows prompt-major, as the "hf" engine orders them).
+    2. Each step: one `torch.multinomial` (or argmax when greedy) over the warped logits of all
+       B*n rows, as transformers draws them, and log pi(y_t) = logit[y_t] - logsumexp(logits) of the
+       raw logits (no [B*n, T, V] stack); rows that ended get the pad id and keep their place, so
+       the random stream is the same as transformers'. Greedy decoding uses no random numbers, so
+       there finished rows leave the batch.
+    Returns (ids per row, length max_new_tokens or up to the step all rows had ended; log-probs or None).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    pad = pad_id_of(tokenizer)
+    eos = torch.tensor(sorted(eos_ids(model, tokenizer)), device=device)
+    sampling = temperature > 0
+    warpers = _logits_warpers(temperature, top_p, top_k) if sampling else None
+    batch = {k: v.to(device) for k, v in left_pad(prompts, pad).items()}
+    width = batch["input_ids"].shape[1]
+    cache = _new_cache(model, width + max_new_tokens)
+    rows = len(prompts) * n
+    tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
+    logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device) if with_logprobs else None
+    with torch.inference_mode():
+        out = model(**batch, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        attention_mask, position = batch["attention_mask"], batch["position_ids"][:, -1]
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits = logits.repeat_interleave(n, dim=0)
+            attention_mask = attention_mask.repeat_interleave(n, dim=0)
+            position = position.repeat_interleave(n, dim=0)
+        active = torch.arange(rows, device=device)  # which output row each batch row is
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        steps = 0
+        for step in range(max_new_tokens):
+            if sampling:
+                probs = torch.softmax(warpers(None, logits.clone()), dim=-1)
+                chosen = torch.multinomial(probs, num_samples=1).squeeze(1)
+            else:
+                chosen = torch.argmax(logits, dim=-1)
+            chosen = torch.where(finished[active], torch.full_like(chosen, pad), chosen)
+            tokens[active, step] = chosen
+            if with_logprobs:
+                logprobs[active, step] = logits.gather(1, chosen[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            finished[active] |= torch.isin(chosen, eos)
+            steps = step + 1
+            if bool(finished.all()) or steps == max_new_tokens:
+                break
+            if not sampling and bool(finished[active].any()):
+                keep = (~finished[active]).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                active, chosen = active[keep], chosen[keep]
+                attention_mask, position = attention_mask[keep], position[keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
+            position = position + 1
+            out = model(input_ids=chosen[:, None], attention_mask=attention_mask, position_ids=position[:, None],
+                        past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+    ids = tokens[:, :steps].tolist()
+    return ids, (logprobs[:, :steps].tolist() if with_logprobs else None)
 
 
 def completion_logprobs(model, tokenizer, prompt_ids: Sequence[Sequence[int]],

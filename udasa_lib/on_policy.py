@@ -31,7 +31,7 @@ def resample_stage(run, model, tokenizer, rows: list[dict], spec: MethodSpec, st
                 model, tokenizer, [r["prompt_token_ids"] for r in batch], k=cfg.sample.k,
                 temperature=cfg.sample.temperature, top_p=cfg.sample.top_p, top_k=cfg.sample.top_k,
                 max_new_tokens=cfg.sample.tasks[task].max_new_tokens,
-                seed=batch_seed(cfg.train.seed + 1000 * index, task, start))
+                seed=batch_seed(cfg.train.seed + 1000 * index, task, start), engine=cfg.runtime.generation_engine)
             records += [sample.sample_record(row["prompt_id"], task, row["prompt"], row["formatted_prompt"],
                                              row["prompt_token_ids"], responses, f"{row['prompt_id']}-round{index}")
                         for row, responses in zip(batch, generations)]

@@ -115,9 +115,10 @@ STAGES: dict[str, StageSpec] = {
             upstream=("00_data", "01_sample", "02_score", "03_pairs"),
             code=("notebooks/04_train.ipynb", "udasa_lib/assets.py", "udasa_lib/generation.py",
                   "udasa_lib/io.py", "udasa_lib/methods.py", "udasa_lib/models.py",
-                  "udasa_lib/on_policy.py", "udasa_lib/pairs.py", "udasa_lib/sample.py",
-                  "udasa_lib/score.py", "udasa_lib/splits.py", "udasa_lib/train.py",
-                  "udasa_lib/trainers.py", "udasa_lib/ual.py", "udasa_lib/value_probe.py"),
+                  "udasa_lib/on_policy.py", "udasa_lib/pairs.py", "udasa_lib/reference_logps.py",
+                  "udasa_lib/sample.py", "udasa_lib/score.py", "udasa_lib/splits.py",
+                  "udasa_lib/train.py", "udasa_lib/trainers.py", "udasa_lib/ual.py",
+                  "udasa_lib/value_probe.py"),
             products=("adapters/final/*",),
             variants=("train.methods",),  # one trained policy per task/method
         ),

@@ -61,7 +61,7 @@ class PolicySet:
 
 
 def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
-             temperature: float = 0.0, seed: int = 0, desc: str = "") -> list[dict]:
+             temperature: float = 0.0, seed: int = 0, desc: str = "", engine: str = "loop") -> list[dict]:
     """One continuation per prompt (ids from `generation.encode_prompt`), batched: text, token ids,
     finish reason. temperature 0 = greedy, > 0 = plain ancestral sampling (top_k=0, top_p=1), seeded
     per batch so a batch size change is the only thing that changes the draws."""
@@ -72,7 +72,7 @@ def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
     for index, start in enumerate(tqdm(batches, desc=desc or "generate", leave=False)):
         records += generation.generate(model, tokenizer, prompt_ids[start:start + batch_size],
                                        max_new_tokens=max_new_tokens, temperature=temperature,
-                                       seed=generation.batch_seed(seed, desc, index))
+                                       seed=generation.batch_seed(seed, desc, index), engine=engine)
     return records
 
 

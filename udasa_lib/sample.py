@@ -45,12 +45,13 @@ def select_prompts(data_dir: Path, sources: dict[str, int]) -> list[dict]:
 
 def generate_batch(
     model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, k: int, temperature: float, top_p: float, top_k: int,
-    max_new_tokens: int, seed: int,
+    max_new_tokens: int, seed: int, engine: str = "loop",
 ) -> list[list[dict[str, Any]]]:
     """Sample k continuations of each prompt (ids from `generation.encode_prompt`); returns, per
     prompt, k dicts of text, token_ids, token_logprobs and finish_reason (`generation.generate`)."""
     rows = generation.generate(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, top_k=top_k, num_return_sequences=k, seed=seed, with_logprobs=True)
+                               top_p=top_p, top_k=top_k, num_return_sequences=k, seed=seed, with_logprobs=True,
+                               engine=engine)
     return [rows[i * k:(i + 1) * k] for i in range(len(prompt_ids))]
 
 
@@ -86,6 +87,7 @@ def sample_task(run, task: str, model, tokenizer, rank: int = 0, world: int = 1,
         generations = generate_batch(
             model, tokenizer, prompt_ids, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             max_new_tokens=task_cfg.max_new_tokens, seed=generation.batch_seed(run.config.seed, task, b),
+            engine=run.config.runtime.generation_engine,
         )
         records = [sample_record(p["id"], task, p["text"], text, ids, responses, p["id"],
                                  {key: value for key, value in p.items() if key not in ("id", "text")})

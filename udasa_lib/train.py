@@ -117,7 +117,8 @@ def smoothing_for(rows: list[dict], spec: MethodSpec, ual) -> dict[str, float] |
 
 # --- the stage ----------------------------------------------------------------------------------
 
-def _trainer_args(cfg, stage_name: str, output_dir: Path, objective: str, device: str, bf16: bool):
+def _trainer_args(cfg, stage_name: str, output_dir: Path, objective: str, device: str, bf16: bool,
+                  precompute_reference: bool = False):
     from trl import DPOConfig, SFTConfig
 
     tc = cfg.train
@@ -142,11 +143,16 @@ def _trainer_args(cfg, stage_name: str, output_dir: Path, objective: str, device
     )
     if objective == "sft":
         return SFTConfig(**common, completion_only_loss=True)
-    return DPOConfig(**common, beta=tc.beta[stage_name], loss_type=["sigmoid"])
+    # The shared reference table is computed in one batch size whatever the method, so its numbers
+    # do not depend on which method computed it first (udasa_lib/reference_logps.py).
+    return DPOConfig(**common, beta=tc.beta[stage_name], loss_type=["sigmoid"],
+                     precompute_ref_log_probs=precompute_reference, precompute_ref_batch_size=tc.batch_size)
 
 
-def build_trainer(model, tokenizer, records: list[dict], args, spec: MethodSpec, reference: str = "initial"):
-    """The trl trainer of one stage on `training_records` output (token ids as sampled)."""
+def build_trainer(model, tokenizer, records: list[dict], args, spec: MethodSpec, reference: str = "initial",
+                  shared_reference=None):
+    """The trl trainer of one stage on `training_records` output (token ids as sampled); DPO reads
+    pi_0's log-probs from `shared_reference` (a reference_logps.SharedReference) when given."""
     from datasets import Dataset
 
     from udasa_lib.trainers import UALDPOTrainer, UALSFTTrainer
@@ -154,7 +160,8 @@ def build_trainer(model, tokenizer, records: list[dict], args, spec: MethodSpec,
     dataset = Dataset.from_list(records)
     if spec.objective == "sft":
         return UALSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    return UALDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, reference=reference)
+    return UALDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, reference=reference,
+                         shared_reference=shared_reference)
 
 
 def _new_adapter(model, cfg):
@@ -207,6 +214,13 @@ def train_variant(run, is_main_process: bool = True, world_size: int = 1) -> dic
     bf16 = resolve_dtype(cfg.model.dtype, device) == torch.bfloat16
     base, tokenizer = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, str(device))
     tokenizer.padding_side = "right"
+    shared_reference = None
+    if spec.objective == "dpo" and cfg.train.reference == "initial":
+        from udasa_lib.reference_logps import SharedReference, reference_key
+
+        shared_reference = SharedReference(
+            training_records(rows, spec, None),
+            reference_key(base, max_length=cfg.train.max_length, truncation_mode="keep_start", bf16=bf16))
     model = None
     resume_from = None
     adapters = run.dir / "adapters"
@@ -230,11 +244,12 @@ def train_variant(run, is_main_process: bool = True, world_size: int = 1) -> dic
         if model is None:
             model = (PeftModel.from_pretrained(base, resume_from, is_trainable=True) if resume_from
                      else _new_adapter(base, cfg))
-        on_policy = None
+        on_policy, stage_reference = None, shared_reference
         if cfg.train.on_policy and spec.staged and index > 0:
             fresh, on_policy = resample_stage(run, model, tokenizer, stage_rows(rows, stage_name), spec, stage_name, index)
             atomic_write_jsonl(stage_dir.with_name(f"{stage_dir.name}_on_policy_pairs.jsonl"), fresh)
             records = training_records(fresh, spec, smoothing_for(fresh, spec, cfg.train.ual))
+            stage_reference = None  # fresh pairs: trl computes pi_0 per batch
             if not records:
                 raise TrainingError(f"04_train {run.variant}: the on-policy round of stage {stage_name!r} left zero "
                                     f"pairs (dropped: {on_policy['dropped']})")
@@ -243,9 +258,10 @@ def train_variant(run, is_main_process: bool = True, world_size: int = 1) -> dic
             raise TrainingError(f"04_train {run.variant}: every pair of stage {stage_name!r} has a prompt of "
                                 f"train.max_length={cfg.train.max_length} tokens or more")
         set_seed(cfg.train.seed + index)
-        args = _trainer_args(cfg, stage_name, run.dir / "checkpoints", spec.objective, device.type, bf16)
+        args = _trainer_args(cfg, stage_name, run.dir / "checkpoints", spec.objective, device.type, bf16,
+                             precompute_reference=stage_reference is not None)
         started = time.time()
-        trainer = build_trainer(model, tokenizer, records, args, spec, cfg.train.reference)
+        trainer = build_trainer(model, tokenizer, records, args, spec, cfg.train.reference, stage_reference)
         trainer.stage_label = f"04_train {run.variant} stage {stage_name}"
         reference = ("previous" if "ref" in model.peft_config else "initial") if spec.objective == "dpo" else None
         trainer.train()
@@ -256,7 +272,9 @@ def train_variant(run, is_main_process: bool = True, world_size: int = 1) -> dic
         stage_log = {"stage": stage_name, "index": index + 1, "pairs": len(records), "max_length": lengths,
                      "steps": trainer.state.global_step,
                      "epochs": cfg.train.epochs[stage_name], "beta": cfg.train.beta[stage_name] if spec.objective == "dpo" else None,
-                     "reference_used": reference, "on_policy": on_policy, "seconds": round(time.time() - started, 2),
+                     "reference_used": reference, "on_policy": on_policy,
+                     "shared_reference_table": None if stage_reference is None else stage_reference.path.name,
+                     "seconds": round(time.time() - started, 2),
                      "pairs_per_s": round(len(records) * cfg.train.epochs[stage_name] / (time.time() - started), 3)}
         if is_main_process:
             model.save_pretrained(stage_dir, selected_adapters=["default"])

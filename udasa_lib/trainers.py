@@ -7,6 +7,9 @@
 - UAL's per-sample smoothing (`udasa_lib.ual`): trl's sigmoid DPO loss has no label smoothing and
   its SFT loss none per sample, so the loss is recomputed from the log-probs trl has just computed
   (caught with a forward hook: no extra forward pass) when the batch carries an epsilon column.
+- pi_0's log-probs shared across methods and stages (`udasa_lib.reference_logps`): with a
+  `shared_reference`, trl's `precompute_ref_log_probs` path reads the table instead of running
+  its own pass, and the table is computed by trl's `compute_ref_log_probs` when missing.
 - A non-finite loss stops training with an error naming the stage and the step.
 Importing this module imports trl; `udasa_lib.train` imports it only when it trains.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import torch
 from trl import DPOTrainer, SFTTrainer
 
+from udasa_lib.reference_logps import PAIR_COLUMNS
 from udasa_lib.ual import ual_dpo_loss, ual_sft_loss
 
 EPSILON_KEY = "ual_epsilon"
@@ -58,7 +62,8 @@ class _EpsilonColumnMixin:
 class UALDPOTrainer(_EpsilonColumnMixin, DPOTrainer):
     """DPOTrainer on token-exact pairs whose sigmoid loss takes a per-pair epsilon from the batch."""
 
-    def __init__(self, *args, reference: str = "initial", **kwargs):
+    def __init__(self, *args, reference: str = "initial", shared_reference=None, **kwargs):
+        self.shared_reference = shared_reference
         super().__init__(*args, **kwargs)
         self._wrap_collator()
         if reference == "initial" and "ref" in getattr(self.model, "peft_config", {}):
@@ -70,6 +75,35 @@ class UALDPOTrainer(_EpsilonColumnMixin, DPOTrainer):
         if TOKEN_COLUMNS["dpo"] <= set(dataset.column_names):
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if self.shared_reference is None:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        self.shared_reference.ensure(lambda records: self.reference_pass(records, batch_size))
+        columns = self.shared_reference.columns(dataset.select_columns(list(PAIR_COLUMNS)).to_list())
+        for column, values in columns.items():
+            dataset = dataset.add_column(column, values)
+        return dataset
+
+    def reference_pass(self, records, batch_size: int) -> tuple[list[float], list[float]]:
+        """pi_0's summed completion log-probs of DPO records (shapes [n], [n]), in order, batch by
+        batch through trl's collator and `compute_ref_log_probs`, with every adapter disabled."""
+        from torch.utils.data import DataLoader
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if "ref" in getattr(unwrapped, "peft_config", {}):
+            # trl copied a resumed adapter as "ref"; the shared table is pi_0's, i.e. adapters off
+            unwrapped.delete_adapter("ref")
+            unwrapped.set_adapter("default")
+        loader = DataLoader([{c: r[c] for c in PAIR_COLUMNS} for r in records], batch_size=batch_size,
+                            collate_fn=self.data_collator, shuffle=False)
+        device = next(unwrapped.parameters()).device
+        chosen, rejected = [], []
+        for batch in loader:
+            c, r = self.compute_ref_log_probs(self.model, {k: v.to(device) for k, v in batch.items()})
+            chosen += c.float().cpu().tolist()
+            rejected += r.float().cpu().tolist()
+        return chosen, rejected
 
     def _compute_loss(self, model, inputs, return_outputs):
         epsilon = inputs.pop(EPSILON_KEY, None)
