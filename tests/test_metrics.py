@@ -58,3 +58,50 @@ def test_samples_of_one_prompt_count_once_in_the_bootstrap():
     records = [{"id": "a", "reward": 1.0}, {"id": "b", "reward": 0.0}, {"id": "a", "reward": 0.0},
                {"id": "b", "reward": 0.0}, {"id": "c", "reward": 1.0}]
     assert metrics.per_prompt_means(records, "reward") == [0.5, 0.0, 1.0]
+
+
+# --- paired comparisons ---------------------------------------------------------------------------
+
+def test_paired_difference_matches_scipy_on_fixed_data():
+    from scipy import stats as scipy_stats
+
+    from udasa_lib.stats import paired_difference
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(0.6, 0.2, 40)
+    b = a - 0.05 + rng.normal(0, 0.05, 40)
+    result = paired_difference(a, b, n_resamples=4000, seed=1)
+    d = a - b
+    assert result["mean"] == pytest.approx(d.mean()) and result["sd"] == pytest.approx(d.std(ddof=1))
+    t = scipy_stats.ttest_rel(a, b)
+    assert result["p"] == pytest.approx(t.pvalue, abs=0.01) or (result["p"] < 0.001 and t.pvalue < 0.001)
+    low, high = scipy_stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scipy_stats.sem(d))
+    assert result["low"] == pytest.approx(low, abs=0.006) and result["high"] == pytest.approx(high, abs=0.006)
+    same = paired_difference(a, a)
+    assert (same["mean"], same["low"], same["high"], same["p"]) == (0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_difference(a, b[:-1])
+
+
+def test_holm_against_a_hand_computed_example():
+    from udasa_lib.stats import holm
+
+    # sorted 0.01, 0.02, 0.03, 0.2 with m = 4: 0.04, 0.06, 0.06 (monotone), 0.2
+    assert holm([0.03, 0.01, float("nan"), 0.2, 0.02]) == pytest.approx([0.06, 0.04, float("nan"), 0.2, 0.06],
+                                                                        nan_ok=True)
+    assert holm([0.5, 0.9]) == [1.0, 1.0]
+
+
+def test_minimum_detectable_effect_matches_a_simulation():
+    from scipy.stats import norm
+
+    from udasa_lib.stats import minimum_detectable_effect, needed_n
+
+    sd, n = 0.3, 50
+    mde = minimum_detectable_effect(sd, n)
+    rng = np.random.default_rng(0)
+    d = rng.normal(mde, sd, size=(20000, n))
+    z = d.mean(axis=1) / (sd / np.sqrt(n))
+    power = float(np.mean(np.abs(z) > norm.ppf(0.975)))
+    assert power == pytest.approx(0.8, abs=0.015)
+    assert needed_n(sd, mde) == n

@@ -101,6 +101,27 @@ def test_scores_are_probabilities_and_rank_a_refusal_above_compliance(fitted):
     assert scores[0] > scores[1]
 
 
+def test_shared_embeddings_give_the_same_scores_and_skip_known_texts(fitted):
+    from udasa_lib.score import Embedder
+
+    probe, _ = fitted
+    prompts, responses = [HARMFUL_PROMPT] * 3, [REFUSAL, COMPLIANCE, "Here is a poem about spring."]
+    alone = probe.score(prompts, responses)
+    embedder = Embedder(value_probe._resolve_embedder(probe.embedder_path))
+    embedder(responses[:2])  # 02_score has already embedded the responses
+    shared = value_probe.HarmProbe(probe.classifier, probe.embedder_path)
+    assert shared.share_embedder(embedder.model, value_probe._resolve_embedder(probe.embedder_path), embedder.cache,
+                                 embedder.max_seq_length)
+    encoded = []
+    original = embedder.model.encode
+    embedder.model.encode = lambda texts, **kw: encoded.extend(texts) or original(texts, **kw)
+    try:
+        np.testing.assert_allclose(shared.score(prompts, responses), alone, atol=1e-5)
+    finally:
+        embedder.model.encode = original
+    assert set(encoded) == {HARMFUL_PROMPT, responses[2]}, "already embedded responses must not be encoded again"
+
+
 def test_empty_inputs_score(fitted):
     probe, _ = fitted
     scores = probe.score([HARMFUL_PROMPT, ""], ["", ""])

@@ -332,7 +332,7 @@ def score_samples(records: list[dict], score_cfg, model_cfg, runtime, principles
     texts = [response["text"] for r in records for response in r["responses"]]
     embedder([*texts, *(s for t in texts for s in split_sentences(t))])
     if harm_probe is not None:
-        harm_probe.share_embedder(embedder.model, score_cfg.embedder)
+        harm_probe.share_embedder(embedder.model, score_cfg.embedder, embedder.cache, embedder.max_seq_length)
     scored = [score_prompt(r, score_cfg, embedder, nli) for r in tqdm(records, desc="semantic+factual",
                                                                         disable=not progress)]
     report: dict = {"seconds": {"semantic_factual": round(time.time() - started, 2)}, "scorers": {}}

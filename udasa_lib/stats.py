@@ -1,4 +1,4 @@
-"""Percentile-bootstrap confidence intervals over prompts (numpy only).
+"""Percentile-bootstrap confidence intervals over prompts, and paired comparisons of two policies.
 
 Evaluation numbers in this replication (win rates, accuracies) are means over a few hundred
 prompts, so the prompt sample is the dominant source of noise; resampling prompts with
@@ -53,3 +53,69 @@ def bootstrap_mean_ci(
         return float("nan"), float("nan"), float("nan")
     means = values[_resample_indices(values.size, n_boot, seed)].mean(axis=1)
     return (float(values.mean()), *_percentiles(means, confidence))
+
+
+# --- paired comparisons (two policies on the same prompts) -----------------------------------------
+
+def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_resamples: int = 2000,
+                      seed: int = 0, confidence: float = 0.95) -> dict:
+    """Mean of the per-prompt differences a_i - b_i (shape [n] each, same prompts, same order) with
+    a percentile bootstrap interval (scipy.stats.bootstrap) and a two-sided sign-flip permutation
+    p-value (scipy.stats.permutation_test, permutation_type="samples": under H0 each pair's labels
+    are exchangeable). Returns {"n", "mean", "low", "high", "p", "sd"}; NaNs when n < 2.
+    Raises ValueError when the two samples differ in length."""
+    from scipy import stats as scipy_stats
+
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples differ in length: {a.size} vs {b.size}")
+    d = a - b
+    if d.size < 2:
+        nan = float("nan")
+        return {"n": int(d.size), "mean": float(d.mean()) if d.size else nan, "low": nan, "high": nan, "p": nan,
+                "sd": nan}
+    if np.all(d == d[0]):  # no spread: the interval is the point and the sign test is exact
+        p = 1.0 if d[0] == 0 else float(2 * 0.5 ** d.size)
+        return {"n": int(d.size), "mean": float(d[0]), "low": float(d[0]), "high": float(d[0]), "p": min(1.0, p),
+                "sd": 0.0}
+    rng = np.random.default_rng(seed)
+    interval = scipy_stats.bootstrap((d,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
+                                     method="percentile", random_state=rng).confidence_interval
+    test = scipy_stats.permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis),
+                                        permutation_type="samples", n_resamples=n_resamples,
+                                        alternative="two-sided", random_state=rng, vectorized=True)
+    return {"n": int(d.size), "mean": float(d.mean()), "low": float(interval.low), "high": float(interval.high),
+            "p": float(test.pvalue), "sd": float(d.std(ddof=1))}
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979), in the input order; NaNs stay NaN and do not
+    count as tests: p_(i) -> max over j <= i of min(1, (m - j + 1) p_(j)) for the sorted p's."""
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    m = valid.size
+    running = 0.0
+    for rank, index in enumerate(valid[np.argsort(p[valid], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        out[index] = running
+    return out.tolist()
+
+
+def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest true mean difference a two-sided level-alpha paired test detects with probability
+    `power`, normal approximation: (z_{1-alpha/2} + z_{power}) * sd / sqrt(n). NaN for n < 2."""
+    from scipy.stats import norm
+
+    if n < 2 or not np.isfinite(sd):
+        return float("nan")
+    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * sd / np.sqrt(n))
+
+
+def needed_n(sd: float, effect: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Prompts a paired test needs to detect `effect` with `power` (inverse of minimum_detectable_effect)."""
+    from scipy.stats import norm
+
+    if effect <= 0 or not np.isfinite(sd):
+        raise ValueError(f"effect must be > 0 and sd finite, got effect={effect}, sd={sd}")
+    return int(np.ceil(((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * sd / effect) ** 2 - 1e-9))

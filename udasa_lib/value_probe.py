@@ -330,14 +330,20 @@ class HarmProbe:
         # None means the embedded default, resolved at use: the cache folder may move ($UDASA_CACHE)
         self.embedder_path = str(embedder_path) if embedder_path is not None else None
         self._embedder = None
+        self._shared: tuple[dict[str, np.ndarray], int] | None = None
 
-    def share_embedder(self, model, name_or_path: str) -> bool:
-        """Reuse an already loaded SentenceTransformer when it is the probe's own embedder."""
+    def share_embedder(self, model, name_or_path: str, embeddings: dict[str, np.ndarray] | None = None,
+                       embeddings_max_tokens: int | None = None) -> bool:
+        """Reuse an already loaded SentenceTransformer when it is the probe's own embedder, and the
+        unit-norm embeddings it has already made (text -> vector, computed with at most
+        `embeddings_max_tokens` word pieces): a text short enough that neither length cuts it has
+        the same embedding either way, so it is not encoded again."""
         from udasa_lib.models import resolve_name_or_path
 
         if Path(_resolve_embedder(self.embedder_path)).resolve() != Path(resolve_name_or_path(name_or_path)).resolve():
             return False
         self._embedder = model
+        self._shared = (embeddings, embeddings_max_tokens) if embeddings is not None else None
         return True
 
     def _encode(self, texts: list[str], max_tokens: int) -> np.ndarray:
@@ -347,11 +353,21 @@ class HarmProbe:
             self._embedder = SentenceTransformer(_resolve_embedder(self.embedder_path), device="cpu")
         # many responses repeat (stock refusals) and prompts repeat per graded response
         unique = sorted(set(texts))
-        self._embedder.max_seq_length = max_tokens
-        vectors = self._embedder.encode(unique, batch_size=EMBED_BATCH, normalize_embeddings=True,
-                                        show_progress_bar=False, convert_to_numpy=True)
-        row = {text: i for i, text in enumerate(unique)}
-        return vectors[[row[t] for t in texts]]
+        known: dict[str, np.ndarray] = {}
+        if self._shared is not None:
+            embeddings, shared_max = self._shared
+            candidates = [t for t in unique if t in embeddings]
+            if candidates:
+                # word pieces with [CLS]/[SEP], as sentence-transformers counts them against max_seq_length
+                lengths = [len(ids) for ids in self._embedder.tokenizer(candidates)["input_ids"]]
+                known = {t: embeddings[t] for t, n in zip(candidates, lengths) if n <= min(max_tokens, shared_max)}
+        missing = [t for t in unique if t not in known]
+        if missing:
+            self._embedder.max_seq_length = max_tokens
+            vectors = self._embedder.encode(missing, batch_size=EMBED_BATCH, normalize_embeddings=True,
+                                            show_progress_bar=False, convert_to_numpy=True)
+            known.update(zip(missing, vectors))
+        return np.stack([known[t] for t in texts])
 
     def features(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """Shape [n, 2 * embedding dim]: the prompt's embedding, then the response's."""
