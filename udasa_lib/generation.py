@@ -248,9 +248,10 @@ def _decode_loop(model, tokenizer, prompts, n, max_new_tokens, temperature, top_
        repeated n times (rows prompt-major, as the "hf" engine orders them).
     2. Each step: one `torch.multinomial` (or argmax when greedy) over the warped logits of all
        B*n rows, as transformers draws them, and log pi(y_t) = logit[y_t] - logsumexp(logits) of the
-       raw logits (no [B*n, T, V] stack); rows that ended get the pad id and keep their place, so
-       the random stream is the same as transformers'. Greedy decoding uses no random numbers, so
-       there finished rows leave the batch.
+       raw logits (no [B*n, T, V] stack).
+    3. A row that ended leaves the forward pass (its cache rows are dropped) but keeps its place
+       in the sampling tensor: torch.multinomial draws one exponential per element whatever the
+       probabilities are, so the random stream, and every other row's draw, stays transformers'.
     Returns (ids per row, length max_new_tokens or up to the step all rows had ended; log-probs or None).
     """
     import torch
@@ -259,10 +260,9 @@ def _decode_loop(model, tokenizer, prompts, n, max_new_tokens, temperature, top_
     pad = pad_id_of(tokenizer)
     eos = torch.tensor(sorted(eos_ids(model, tokenizer)), device=device)
     sampling = temperature > 0
-    warpers = _logits_warpers(temperature, top_p, top_k) if sampling else None
+    warpers = _logits_warpers(temperature, top_p, top_k) if sampling else []
     batch = {k: v.to(device) for k, v in left_pad(prompts, pad).items()}
-    width = batch["input_ids"].shape[1]
-    cache = _new_cache(model, width + max_new_tokens)
+    cache = _new_cache(model, batch["input_ids"].shape[1] + max_new_tokens)
     rows = len(prompts) * n
     tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
     logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device) if with_logprobs else None
@@ -275,25 +275,27 @@ def _decode_loop(model, tokenizer, prompts, n, max_new_tokens, temperature, top_
             logits = logits.repeat_interleave(n, dim=0)
             attention_mask = attention_mask.repeat_interleave(n, dim=0)
             position = position.repeat_interleave(n, dim=0)
-        active = torch.arange(rows, device=device)  # which output row each batch row is
-        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        active = torch.arange(rows, device=device)  # the output row of each row of the forward batch
+        scores = torch.zeros((rows, logits.shape[-1]), dtype=torch.float32, device=device)
         steps = 0
         for step in range(max_new_tokens):
             if sampling:
-                probs = torch.softmax(warpers(None, logits.clone()), dim=-1)
-                chosen = torch.multinomial(probs, num_samples=1).squeeze(1)
+                scores.zero_()
+                scores[active] = logits
+                if warpers:
+                    scores = warpers(None, scores)
+                chosen = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)[active]
             else:
                 chosen = torch.argmax(logits, dim=-1)
-            chosen = torch.where(finished[active], torch.full_like(chosen, pad), chosen)
             tokens[active, step] = chosen
             if with_logprobs:
                 logprobs[active, step] = logits.gather(1, chosen[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-            finished[active] |= torch.isin(chosen, eos)
             steps = step + 1
-            if bool(finished.all()) or steps == max_new_tokens:
+            running = ~torch.isin(chosen, eos)
+            if not bool(running.any()) or steps == max_new_tokens:
                 break
-            if not sampling and bool(finished[active].any()):
-                keep = (~finished[active]).nonzero().squeeze(1)
+            if not bool(running.all()):
+                keep = running.nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
                 active, chosen = active[keep], chosen[keep]
                 attention_mask, position = attention_mask[keep], position[keep]
