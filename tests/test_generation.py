@@ -115,6 +115,24 @@ def test_loop_engine_draws_the_same_ids_as_transformers_generate(request, which,
         generation.generate(model, tokenizer, ROWS, max_new_tokens=2, temperature=1.0, engine="vllm")
 
 
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_model"])
+def test_shared_prefix_forward_equals_the_full_forward(request, which):
+    model, _ = request.getfixturevalue(which)
+    prefix = [57, 2275, 451, 7704, 436, 1117]
+    rows = [prefix + tail for tail in ([314, 9690], [198], [2683, 359, 57, 2275])]
+    assert generation.common_prefix_length(rows) == len(prefix)
+    assert generation.common_prefix_length([[1, 2], [1, 2]]) == 1, "each row keeps a token of its own"
+    shared = generation.SharedPrefix(model, prefix)
+    with torch.no_grad():
+        full = generation.forward_left_padded(model, rows, pad_id=2).logits[:, -1]
+        cached = shared.forward(rows, pad_id=2, logits_to_keep=1).logits[:, -1]
+        again = shared.forward(rows[1:], pad_id=2, logits_to_keep=1).logits[:, -1]  # the cache is reusable
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, full[1:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="must start with the prefix"):
+        shared.forward([[1, 2, 3]], pad_id=2)
+
+
 def test_trim_at_eos():
     assert generation.trim_at_eos([5, 2, 7], {2}) == ([5, 2], "eos")
     assert generation.trim_at_eos([5, 6], {2}) == ([5, 6], "length")

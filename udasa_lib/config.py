@@ -76,6 +76,10 @@ class RuntimeConfig:
     # loop = generation._decode_loop (prompt read once per prompt, preallocated KV cache); hf =
     # transformers' generate, the reference. Both draw the same ids from the same seed.
     generation_engine: Literal["loop", "hf"]
+    # independent stages (04_train variants, 05 evaluations) `make reproduce` runs at once, each
+    # with threads // parallel_stages torch threads: on 2 cores, two 1-thread stages beat one
+    # 2-thread stage, since decode-shaped matmuls, sampling and Python scale poorly with threads
+    parallel_stages: Positive
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from udasa_lib.generation import encode_prompt, forward_left_padded, pad_id_of
+from udasa_lib.generation import SharedPrefix, common_prefix_length, encode_prompt, pad_id_of
 from udasa_lib.stats import bootstrap_mean_ci
 
 DEFAULT_CONFIG = "weighted_alpaca_eval_gpt4_turbo"
@@ -145,11 +145,13 @@ class LocalJudge:
 
         pad = pad_id_of(self.tokenizer)
         out = np.empty((len(prompts), 2))
+        # every prompt opens with the same template text: its KV cache is computed once
+        shared = SharedPrefix(self.model, prompts[0][:common_prefix_length(prompts)]) if prompts else None
         order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             with torch.no_grad():
-                logits = forward_left_padded(self.model, [prompts[r] for r in rows], pad, logits_to_keep=1).logits[:, -1]
+                logits = shared.forward([prompts[r] for r in rows], pad, logits_to_keep=1).logits[:, -1]
             out[rows] = torch.softmax(logits[:, self.identifier_ids].double(), dim=-1).cpu().numpy()
         return out
 

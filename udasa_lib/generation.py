@@ -105,6 +105,68 @@ def forward_left_padded(model, rows: Sequence[Sequence[int]], pad_id: int, **kwa
     return model(**batch, **kwargs)
 
 
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest id prefix every row shares, leaving each row at least one own token."""
+    if not rows:
+        return 0
+    limit = min(len(r) for r in rows) - 1
+    first = rows[0]
+    length = 0
+    while length < limit and all(r[length] == first[length] for r in rows):
+        length += 1
+    return max(length, 0)
+
+
+def _full_attention_only(model) -> bool:
+    """True for a transformers model whose every layer attends to the whole context."""
+    if not hasattr(getattr(model, "config", None), "get_text_config"):
+        return False
+    config = model.config.get_text_config(decoder=True)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return all(kind == "full_attention" for kind in layer_types)
+
+
+class SharedPrefix:
+    """Many forward passes over rows that all start with the same ids (a judge's template): the
+    prefix is run once and its KV cache reused by every batch, so only each row's own tokens are
+    computed. `forward(rows, pad_id, **kwargs)` takes the full rows (prefix included), left-pads
+    their remainders after the cached prefix with position ids continuing from it, and returns
+    model(...) as a forward over the full rows would (equal up to float rounding; tested).
+    Models with sliding-window or linear-attention layers get the plain `forward_left_padded`."""
+
+    def __init__(self, model, prefix: Sequence[int]):
+        import torch
+        from transformers.cache_utils import DynamicCache
+
+        self.model, self.prefix = model, list(prefix)
+        self.layers = None
+        if self.prefix and _full_attention_only(model):
+            device = next(model.parameters()).device
+            cache = DynamicCache()
+            with torch.no_grad():  # not inference_mode: the cached tensors are reused in later no_grad passes
+                model(input_ids=torch.tensor([self.prefix], device=device), past_key_values=cache, use_cache=True,
+                      logits_to_keep=1)
+            self.layers = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def forward(self, rows: Sequence[Sequence[int]], pad_id: int, **kwargs):
+        import torch
+        from transformers.cache_utils import DynamicCache
+
+        if self.layers is None:
+            return forward_left_padded(self.model, rows, pad_id, **kwargs)
+        n = len(self.prefix)
+        if any(list(r[:n]) != self.prefix or len(r) <= n for r in rows):
+            raise ValueError("SharedPrefix.forward: every row must start with the prefix and go beyond it")
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in left_pad([r[n:] for r in rows], pad_id).items()}
+        size = len(rows)
+        cache = DynamicCache(ddp_cache_data=[(k.expand(size, -1, -1, -1).contiguous(),
+                                              v.expand(size, -1, -1, -1).contiguous()) for k, v in self.layers])
+        attention_mask = torch.cat([batch["attention_mask"].new_ones((size, n)), batch["attention_mask"]], dim=1)
+        return self.model(input_ids=batch["input_ids"], attention_mask=attention_mask,
+                          position_ids=batch["position_ids"] + n, past_key_values=cache, use_cache=True, **kwargs)
+
+
 ENGINES = ("loop", "hf")
 
 
@@ -234,11 +296,10 @@ def _new_cache(model, capacity: int):
     transformers' DynamicCache for any other layer structure (sliding windows, linear attention)."""
     from transformers.cache_utils import Cache, DynamicCache
 
-    config = model.config.get_text_config(decoder=True)
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    if any(kind != "full_attention" for kind in layer_types):
+    if not _full_attention_only(model):
         return DynamicCache(config=model.config)
-    return Cache(layers=[_PreallocatedLayer.make(capacity) for _ in layer_types])
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    return Cache(layers=[_PreallocatedLayer.make(capacity) for _ in range(layers)])
 
 
 def _decode_loop(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, top_k, with_logprobs):

@@ -532,6 +532,14 @@ def export_html(notebook: Path) -> Path:
     return atomic_write_text(notebook.with_suffix(".html"), body)
 
 
+def schedule(cfg: config_mod.Config) -> tuple[int, int]:
+    """(stages `make reproduce` runs at once, torch threads of each): runtime.parallel_stages, and
+    runtime.threads shared among them (at least one each; 0 keeps torch's default)."""
+    jobs = cfg.runtime.parallel_stages
+    threads = cfg.runtime.threads
+    return jobs, (max(1, threads // jobs) if threads else 0)
+
+
 def _parse_sets(items: list[str]) -> dict[str, Any]:
     return dict(config_mod.parse_override(item) for item in items)
 
@@ -539,7 +547,7 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m udasa_lib.pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "run-dir", "status", "variants"):
+    for name in ("run", "run-dir", "status", "variants", "schedule"):
         p = sub.add_parser(name)
         if name == "run":
             p.add_argument("stage", choices=list(STAGES))
@@ -557,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(args.stage, args.config, overrides, args.name, force=args.force, variant=args.variant)
         elif args.command == "variants":
             print(" ".join(variants(config_mod.resolve(_repo_path(args.config), overrides), args.stage)))
+        elif args.command == "schedule":
+            print(" ".join(map(str, schedule(config_mod.resolve(_repo_path(args.config), overrides)))))
         elif args.command == "run-dir":
             cfg = config_mod.resolve(_repo_path(args.config), overrides)
             print(results_root() / config_mod.run_id(cfg, run_name_for(args.config, args.name)))

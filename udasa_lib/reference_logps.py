@@ -16,7 +16,7 @@ the set key is the sha256 of
 Any change to the pairs or the model gives another key: a stale table is never read, only left
 behind. The whole set is computed in file order with a fixed batch size, whichever method asks
 first, so the numbers (and every product trained on them) do not depend on which ran first.
-Two runs that compute the same table at once write the same bytes, each atomically.
+Stages that need the same table at once take turns through a file lock: one computes, the rest read.
 """
 from __future__ import annotations
 
@@ -77,6 +77,14 @@ class SharedReference:
     def ensure(self, compute: Callable[[list[dict]], tuple[Sequence[float], Sequence[float]]]) -> None:
         if self._table is not None:
             return
+        from filelock import FileLock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # two stages that need the same table at once (make -j): one computes, the other reads it
+        with FileLock(str(self.path) + ".lock"):
+            self._read_or_compute(compute)
+
+    def _read_or_compute(self, compute) -> None:
         if self.path.exists():
             try:
                 self._table = json.loads(self.path.read_text())["logps"]

@@ -157,18 +157,21 @@ def judge_text(tokenizer, principle: str, prompt: str, response: str) -> str:
 
 def p_yes(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
     """P(Yes) / (P(Yes) + P(No)) from the next-token distribution after each text. Shape [N].
-    Batches are left-padded with position ids (`generation.forward_left_padded`), so a text gets
-    the same P(Yes) in any batch, also from a judge with learned absolute positions."""
+    Batches are left-padded with position ids (`generation.SharedPrefix`, which also reads the
+    texts' common opening once), so a text gets the same P(Yes) in any batch, also from a judge
+    with learned absolute positions."""
     import torch
 
-    from udasa_lib.generation import encode_prompt, forward_left_padded, pad_id_of
+    from udasa_lib.generation import SharedPrefix, common_prefix_length, encode_prompt, pad_id_of
 
     yes_ids, no_ids = yes_no_token_ids(tokenizer)
     rows = [encode_prompt(tokenizer, text) for text in texts]
+    # every text opens with the same principle: its KV cache is computed once (SharedPrefix)
+    shared = SharedPrefix(model, rows[0][:common_prefix_length(rows)]) if rows else None
     out = []
     for i in range(0, len(rows), batch_size):
         with torch.inference_mode():
-            logits = forward_left_padded(model, rows[i: i + batch_size], pad_id_of(tokenizer)).logits[:, -1].float()
+            logits = shared.forward(rows[i: i + batch_size], pad_id_of(tokenizer), logits_to_keep=1).logits[:, -1].float()
         probs = torch.softmax(logits, dim=-1)
         yes, no = probs[:, yes_ids].sum(-1), probs[:, no_ids].sum(-1)
         out.append((yes / (yes + no).clamp_min(1e-12)).cpu().numpy())
