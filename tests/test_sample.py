@@ -71,6 +71,21 @@ def test_resume_gives_the_uninterrupted_file(smoke_data):
     assert len(set(ids)) == len(ids)
 
 
+def test_worker_processes_write_the_file_one_process_writes(smoke_data):
+    import shutil
+
+    one = pipeline.open_stage("01_sample", SMOKE_CONFIG, {"sample.top_p": 0.98})
+    sample.run_sampling(one)
+    alone = (one.dir / sample.SAMPLES_FILE).read_bytes()
+    shutil.rmtree(one.dir / "shards")
+    (one.dir / sample.SAMPLES_FILE).unlink()
+    two = pipeline.open_stage("01_sample", SMOKE_CONFIG, {"sample.top_p": 0.98, "runtime.workers": 2})
+    assert two.dir == one.dir, "runtime settings are not part of the stage key"
+    result = sample.run_sampling(two)
+    assert result["timing"]["workers"] == 2
+    assert (two.dir / sample.SAMPLES_FILE).read_bytes() == alone
+
+
 def test_malformed_samples_name_the_record(tmp_path):
     good = {"prompt_id": "p1", "task": "t", "prompt": "x", "formatted_prompt": "x", "prompt_token_ids": [5],
             "responses": []}

@@ -76,10 +76,12 @@ class RuntimeConfig:
     # loop = generation._decode_loop (prompt read once per prompt, preallocated KV cache); hf =
     # transformers' generate, the reference. Both draw the same ids from the same seed.
     generation_engine: Literal["loop", "hf"]
-    # independent stages (04_train variants, 05 evaluations) `make reproduce` runs at once, each
-    # with threads // parallel_stages torch threads: on 2 cores, two 1-thread stages beat one
-    # 2-thread stage, since decode-shaped matmuls, sampling and Python scale poorly with threads
-    parallel_stages: Positive
+    # processes that share the CPU: `make reproduce` runs this many independent stages at once
+    # (04_train variants, 05 evaluations, 06) and 01_sample splits its batches across this many
+    # processes, each with threads // workers torch threads. On 2 cores two 1-thread processes
+    # beat one 2-thread one: decode-shaped matmuls (1.3x from a second thread), the sampler's
+    # exponential draws and Python do not scale with threads. Not part of any key.
+    workers: Positive
 
 
 @dataclass(frozen=True)

@@ -533,11 +533,13 @@ def export_html(notebook: Path) -> Path:
 
 
 def schedule(cfg: config_mod.Config) -> tuple[int, int]:
-    """(stages `make reproduce` runs at once, torch threads of each): runtime.parallel_stages, and
-    runtime.threads shared among them (at least one each; 0 keeps torch's default)."""
-    jobs = cfg.runtime.parallel_stages
-    threads = cfg.runtime.threads
-    return jobs, (max(1, threads // jobs) if threads else 0)
+    """(processes sharing the CPU, torch threads of each): runtime.workers, and runtime.threads
+    shared among them (at least one each; 0 keeps torch's default)."""
+    import os
+
+    jobs = cfg.runtime.workers
+    threads = cfg.runtime.threads or os.cpu_count() or 1
+    return jobs, max(1, threads // jobs)
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:

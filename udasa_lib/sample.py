@@ -10,7 +10,8 @@ Log-probs are those of the *untempered* policy (log-softmax of the raw logits), 
 likelihood-weighted semantic entropy, token NLL and KL(pi || pi_ref) all need log pi(y|x),
 not the sampling distribution. The EOS token, when produced, is part of the response; a response
 cut at max_new_tokens has none (finish_reason "length").
-Under `accelerate launch` (runtime.num_processes > 1) rank r takes batches b with b % world == r.
+Under `accelerate launch` (runtime.num_processes > 1), or in `runtime.workers` spawned processes
+on CPU, rank r takes batches b with b % world == r.
 """
 from __future__ import annotations
 
@@ -156,15 +157,50 @@ def _sample_in_process(run, rank: int = 0, world: int = 1, device: str | None = 
     return {"threads": threads, "device": str(model.device), "per_task": counts}
 
 
+def _worker(run, rank: int, world: int, threads: int) -> dict:
+    """One of `runtime.workers` CPU processes: its share of every task's batches at `threads` threads."""
+    import os
+
+    os.environ["UDASA_THREADS"] = str(threads)
+    return _sample_in_process(run, rank, world, device="cpu")
+
+
+def _sample_in_workers(run, workers: int) -> dict:
+    """Batches b with b % workers == r sampled by process r, each with threads // workers threads
+    (spawned; every batch keeps its own seed, so the shards are those one process would write)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from udasa_lib.pipeline import schedule
+
+    _, threads = schedule(run.config)
+    started = time.time()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_worker, [run] * workers, range(workers), [workers] * workers, [threads] * workers))
+    seconds = time.time() - started
+    per_task = {task: {"batches": parts[0]["per_task"][task]["batches"],
+                       "generated_batches": sum(p["per_task"][task]["generated_batches"] for p in parts),
+                       "tokens": sum(p["per_task"][task]["tokens"] for p in parts),
+                       "seconds": max(p["per_task"][task]["seconds"] for p in parts)} for task in parts[0]["per_task"]}
+    return {"threads": threads, "workers": workers, "device": "cpu", "per_task": per_task,
+            "wall_seconds_all_tasks": round(seconds, 1)}
+
+
 def run_sampling(run) -> dict:
-    """Sample every task (in this process, or under `accelerate launch`), merge, and summarise."""
+    """Sample every task (in this process, in `runtime.workers` CPU processes, or under
+    `accelerate launch`), merge, and summarise."""
+    from udasa_lib.models import resolve_device
+
     n_processes = run.config.runtime.num_processes
+    cpu_workers = run.config.runtime.workers if resolve_device(run.config.runtime.device).type == "cpu" else 1
     if n_processes > 1:
         command = ["accelerate", "launch", "--num_processes", str(n_processes), "-m", "udasa_lib.sample",
                    "--config", str(run.config_path), "--overrides", json.dumps(run.overrides),
                    "--name", run.run_name]
         subprocess.run(command, check=True)
         timing = json.loads((run.dir / "timing.json").read_text())
+    elif cpu_workers > 1:
+        timing = _sample_in_workers(run, cpu_workers)
     else:
         timing = _sample_in_process(run)
     merge_shards(run)
