@@ -359,7 +359,7 @@ class HarmProbe:
             candidates = [t for t in unique if t in embeddings]
             if candidates:
                 # word pieces with [CLS]/[SEP], as sentence-transformers counts them against max_seq_length
-                lengths = [len(ids) for ids in self._embedder.tokenizer(candidates)["input_ids"]]
+                lengths = [len(ids) for ids in self._embedder.tokenizer(candidates, verbose=False)["input_ids"]]
                 known = {t: embeddings[t] for t, n in zip(candidates, lengths) if n <= min(max_tokens, shared_max)}
         missing = [t for t in unique if t not in known]
         if missing:
