@@ -28,7 +28,8 @@ SHARED_THREADS := $(if $(SIDE_BY_SIDE),$(if $(filter 1,$(JOBS)),,$(word 2,$(SCHE
 # The run folder is derived from the resolved config (name + hash), never typed.
 RUN_DIR := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline run-dir --config $(CONFIG) $(SETS)),)
 # 04_train has one folder per task/method pair listed in the config's train section.
-TRAIN_VARIANTS := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline variants 04_train --config $(CONFIG) $(SETS)),)
+# Listed in the order make -j starts them (pipeline.training_order).
+TRAIN_VARIANTS := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline variants 04_train --make-order --config $(CONFIG) $(SETS)),)
 TRAINED := $(foreach v,$(TRAIN_VARIANTS),$(RUN_DIR)/04_train/$(v)/manifest.json)
 
 EVALUATED := $(foreach s,05_eval_harmless 05_eval_winrate 05_eval_lmeval 05_eval_sentiment,$(RUN_DIR)/$(s)/manifest.json)

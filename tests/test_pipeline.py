@@ -199,3 +199,12 @@ def test_training_variants_come_from_the_config_and_do_not_enter_the_key():
     # adding a method must not retrain the others: the lists are not among the hashed params
     assert pipeline._stage_params(cfg, "04_train") == pipeline._stage_params(more, "04_train")
     assert "methods" not in pipeline._stage_params(cfg, "04_train")["train"]
+
+
+def test_training_order_starts_dpo_variants_of_different_tasks_together():
+    names = ["alignment/sft", "alignment/dpo", "alignment/udasa", "sentiment/sft", "sentiment/dpo",
+             "sentiment/udasa_value"]
+    order = pipeline.training_order(names)
+    assert sorted(order) == sorted(names)
+    assert order == ["alignment/dpo", "sentiment/dpo", "alignment/udasa", "sentiment/udasa_value",
+                     "alignment/sft", "sentiment/sft"]

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from udasa_lib import REPO_ROOT
 from udasa_lib import config as config_mod
@@ -239,6 +239,28 @@ def variants(config: config_mod.Config, stage: str) -> list[str]:
         items = [f"{k}/{v}" for k, vs in value.items() for v in vs] if isinstance(value, Mapping) else list(value)
         names = [f"{prefix}/{v}" if prefix else v for prefix in names for v in items]
     return names
+
+
+def training_order(names: Sequence[str]) -> list[str]:
+    """04_train variants in the order `make -j` should start them: DPO-type methods first, their
+    tasks alternating, so that two variants that start together need different pi_0 tables (one
+    would otherwise wait on the other's lock) and the short SFT runs fill the end; otherwise the
+    config's order."""
+    from udasa_lib.methods import METHODS
+
+    def task_of(name):
+        return name.split("/")[0]
+
+    dpo = [n for n in names if METHODS[n.split("/")[1]].objective == "dpo"]
+    rest = [n for n in names if n not in dpo]
+    tasks = list(dict.fromkeys(task_of(n) for n in dpo))
+    queues = {task: [n for n in dpo if task_of(n) == task] for task in tasks}
+    interleaved = []
+    while any(queues.values()):
+        for task in tasks:
+            if queues[task]:
+                interleaved.append(queues[task].pop(0))
+    return interleaved + rest
 
 
 def _check_variant(config: config_mod.Config, stage: str, variant: str) -> None:
@@ -557,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--variant", default="", help="e.g. alignment/udasa for 04_train")
         if name == "variants":
             p.add_argument("stage", choices=list(STAGES))
+            p.add_argument("--make-order", action="store_true", help="04_train: the order make -j starts them")
         p.add_argument("--config", default="configs/default.yaml")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         p.add_argument("--name", default=None, help="run name (default: the config file's stem)")
@@ -566,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             run_stage(args.stage, args.config, overrides, args.name, force=args.force, variant=args.variant)
         elif args.command == "variants":
-            print(" ".join(variants(config_mod.resolve(_repo_path(args.config), overrides), args.stage)))
+            names = variants(config_mod.resolve(_repo_path(args.config), overrides), args.stage)
+            print(" ".join(training_order(names) if args.make_order and args.stage == "04_train" else names))
         elif args.command == "schedule":
             print(" ".join(map(str, schedule(config_mod.resolve(_repo_path(args.config), overrides)))))
         elif args.command == "run-dir":
