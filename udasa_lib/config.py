@@ -76,9 +76,9 @@ class RuntimeConfig:
     # loop = generation._decode_loop (prompt read once per prompt, preallocated KV cache); hf =
     # transformers' generate, the reference. Both draw the same ids from the same seed.
     generation_engine: Literal["loop", "hf"]
-    # processes that share the CPU: `make reproduce` runs this many 04_train variants at once and
-    # 01_sample splits its batches across this many processes, each with threads // workers
-    # torch threads. On 2 cores two 1-thread processes
+    # processes that share the CPU: `make reproduce` runs this many independent stages at once
+    # (04_train variants, 05 evaluations, 06) and 01_sample splits its batches across this many
+    # processes, each with threads // workers torch threads. On 2 cores two 1-thread processes
     # beat one 2-thread one: decode-shaped matmuls (1.3x from a second thread), the sampler's
     # exponential draws and Python do not scale with threads. Not part of any key.
     workers: Positive
