@@ -96,8 +96,8 @@ $(RUN_DIR)/07_report/manifest.json: $(RUN_DIR)/03_pairs/manifest.json $(EVALUATE
 	$(STAGE) 07_report
 
 # The stages that can run side by side get their share of the threads (unless UDASA_THREADS is
-# set). Measured on the 2-core default: the evaluations side by side at one thread each took
-# 630 s, one after another at two threads 655 s (05_eval_winrate waits for 05_eval_harmless).
+# set). Measured on the 2-core default: the evaluations and 06 side by side at one thread each
+# took about 630 s, one after another at two threads about 655 s.
 ifneq ($(SHARED_THREADS),)
 $(RUN_DIR)/04_train/%/manifest.json: export UDASA_THREADS := $(or $(UDASA_THREADS),$(SHARED_THREADS))
 $(EVALUATED) $(RUN_DIR)/06_silhouette/manifest.json: export UDASA_THREADS := $(or $(UDASA_THREADS),$(SHARED_THREADS))
