@@ -20,8 +20,9 @@ drew identically, and the largest |log-prob - teacher-forced log-prob| of each e
 The old baselines (one prompt per generate call, K or 1 sequences per call) run on a few prompts.
 
 scoring: wall time of 02_score's computation on the samples of CONFIG's own 01_sample stage,
-against the time sampling them takes at the rate this run measured for the default engine
-(01_sample's recorded time is reported beside it). Needs `make reproduce` to have run 01_sample.
+against the time sampling them takes at the rate this run measured for 01_sample's own layout
+(its worker processes when runtime.workers > 1, else the default engine); 01_sample's recorded
+time is reported beside it. Needs `make reproduce` to have run 01_sample.
 
 training: the DPO-type methods of CONFIG's alignment task on the same pairs of 03_pairs. Today's
 path computes pi_0's log-probs in every step of every method; the shared path computes them once
@@ -552,7 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "generation"):
         result["generation"] = bench_generation(cfg, model, tokenizer, args.prompts, args.baseline_prompts,
                                                 result["machine"]["decode_gflops"])
-        default_rate = result["generation"][cfg.runtime.generation_engine]["tokens_per_s"]
+        # the default config's sampler: 01_sample's worker processes when it uses them
+        generation_result = result["generation"]
+        default_rate = generation_result["workers" if "workers" in generation_result else
+                                         cfg.runtime.generation_engine]["tokens_per_s"]
         if args.profile:
             result["generation_profile"] = profile_generation(cfg, model, tokenizer)
     del model
