@@ -18,6 +18,8 @@ evaluations (docs/method.md, "What is trained on"):
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Sequence
 
 FINISH_EOS = "eos"
@@ -252,43 +254,50 @@ def _logits_warpers(temperature: float, top_p: float, top_k: int):
     return warpers
 
 
-class _PreallocatedLayer:
+@functools.cache
+def _preallocated_layer_class():
     """A KV-cache layer whose keys/values live in one buffer sized for the whole generation: each
     step writes one position in place and exposes a view of the filled part, where transformers'
-    DynamicLayer concatenates (copies) the whole cache on every step of every layer."""
+    DynamicLayer concatenates (copies) the whole cache on every step of every layer. Built on
+    first use, since transformers is imported lazily here."""
+    from transformers.cache_utils import DynamicLayer
 
-    @staticmethod
-    def make(capacity: int):
-        from transformers.cache_utils import DynamicLayer
+    class PreallocatedLayer(DynamicLayer):
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = capacity
 
-        class PreallocatedLayer(DynamicLayer):
-            def lazy_initialization(self, key_states, value_states):
-                super().lazy_initialization(key_states, value_states)
-                batch, heads, _, _ = key_states.shape
-                self._key_buffer = key_states.new_empty((batch, heads, capacity, key_states.shape[-1]))
-                self._value_buffer = value_states.new_empty((batch, heads, capacity, value_states.shape[-1]))
-                self._length = 0
+        def lazy_initialization(self, key_states, value_states):
+            super().lazy_initialization(key_states, value_states)
+            batch, heads = key_states.shape[:2]
+            self._key_buffer = key_states.new_empty((batch, heads, self.capacity, key_states.shape[-1]))
+            self._value_buffer = value_states.new_empty((batch, heads, self.capacity, value_states.shape[-1]))
+            self._length = 0
 
-            def update(self, key_states, value_states, *args, **kwargs):
-                if not self.is_initialized:
-                    self.lazy_initialization(key_states, value_states)
-                end = self._length + key_states.shape[-2]
-                self._key_buffer[:, :, self._length:end] = key_states
-                self._value_buffer[:, :, self._length:end] = value_states
-                self._length = end
-                self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
-                return self.keys, self.values
+        def _expose(self):
+            self.keys = self._key_buffer[:, :, :self._length]
+            self.values = self._value_buffer[:, :, :self._length]
 
-            def batch_repeat_interleave(self, repeats: int) -> None:
-                self._key_buffer = self._key_buffer.repeat_interleave(repeats, dim=0)
-                self._value_buffer = self._value_buffer.repeat_interleave(repeats, dim=0)
-                self.keys, self.values = self._key_buffer[:, :, :self._length], self._value_buffer[:, :, :self._length]
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self._length + key_states.shape[-2]
+            self._key_buffer[:, :, self._length:end] = key_states
+            self._value_buffer[:, :, self._length:end] = value_states
+            self._length = end
+            self._expose()
+            return self.keys, self.values
 
-            def batch_select_indices(self, indices) -> None:
-                self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
-                self.keys, self.values = self._key_buffer[:, :, :self._length], self._value_buffer[:, :, :self._length]
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self._key_buffer = self._key_buffer.repeat_interleave(repeats, dim=0)
+            self._value_buffer = self._value_buffer.repeat_interleave(repeats, dim=0)
+            self._expose()
 
-        return PreallocatedLayer()
+        def batch_select_indices(self, indices) -> None:
+            self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
+            self._expose()
+
+    return PreallocatedLayer
 
 
 def _new_cache(model, capacity: int):
@@ -299,7 +308,7 @@ def _new_cache(model, capacity: int):
     if not _full_attention_only(model):
         return DynamicCache(config=model.config)
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    return Cache(layers=[_PreallocatedLayer.make(capacity) for _ in range(layers)])
+    return Cache(layers=[_preallocated_layer_class()(capacity) for _ in range(layers)])
 
 
 def _decode_loop(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, top_k, with_logprobs):
