@@ -32,12 +32,20 @@ def test_report_tables_are_present_and_not_empty(chain):
     run_dir = chain[-1].run_dir
     report_dir = run_dir / "report"
     text = (report_dir / "REPORT.md").read_text()
-    for heading in ("## What the papers claim vs what this run shows", "## Results", "## Inferred choices",
-                    "## Preliminary study", "## Resolved config"):
+    for heading in ("## Results: the papers' claims, tested", "## Instruments", "## Controls", "## Inferred choices",
+                    "## Preliminary study", "## Details", "## Resolved config"):
         assert heading in text
     claims = pd.read_csv(report_dir / "claims.csv")
-    assert len(claims) >= len(report.CLAIMS)
-    assert set(claims.verdict) <= {report.SUPPORTED, report.NOT_SUPPORTED, report.INCONCLUSIVE, report.NOT_RUN}
+    assert len(claims) == len(report.CLAIMS) + 2  # + the preliminary study's two
+    assert set(claims.verdict) <= {report.SUPPORTED, report.CONTRADICTED, report.NO_DIFFERENCE,
+                                   report.INSTRUMENT_NOT_VALID, report.NOT_RUN}
+    # the smoke config trains one method per task: the preliminary study's claims are tested, and
+    # every trained method against base on paired units
+    tested = claims[claims.verdict != report.NOT_RUN]
+    assert len(tested) >= 2 and (tested["n"].astype(int) >= 2).all()
+    assert "not on record" in text
+    controls = pd.read_csv(report_dir / "controls.csv")
+    assert set(controls.comparison) >= {f"{m} vs base" for m in cfg_methods() if m != "base"}
     table = pd.read_csv(report_dir / "results_table.csv")
     cfg = config_mod.resolve(SMOKE_CONFIG)
     for task, methods in cfg.train.methods.items():
@@ -48,6 +56,11 @@ def test_report_tables_are_present_and_not_empty(chain):
     assert (report_dir / "07_report.html").stat().st_size > 10_000
     for figure in ("harmless.png", "winrate.png", "reward_kl.png", "silhouette_layers.png"):
         assert (report_dir / "figures" / figure).stat().st_size > 1000
+
+
+def cfg_methods():
+    cfg = config_mod.resolve(SMOKE_CONFIG)
+    return {m for methods in cfg.train.methods.values() for m in methods}
 
 
 GOLDEN = Path(__file__).parent / "golden" / "smoke_metrics.csv"
@@ -94,3 +107,19 @@ def test_a_training_change_reruns_training_and_what_follows_only(chain):
     # evaluations read the new adapters, which do not exist yet: they are due to run again
     with pytest.raises(pipeline.StageError, match="has not finished"):
         pipeline.stage_key(after, "05_eval_harmless")
+
+
+def test_a_seeds_sweep_is_pooled_into_the_report(chain, tmp_path):
+    """`make sweep SWEEP=configs/sweeps/seeds.yaml` then `make report`, on the smoke config: the
+    report tests the claims again on units pooled over the seeds (the seed-0 point reuses the
+    chain's stages: same keys)."""
+    from udasa_lib import sweep
+
+    grid = tmp_path / "seeds.yaml"  # the report looks for the sweep named "seeds"
+    grid.write_text(f"config: {SMOKE_CONFIG}\nthrough: 07_report\n"
+                    "grid:\n  seed:\n    keys: [train.seed]\n    values: [0, 1]\n")
+    out = sweep.run_sweep(sweep.load_sweep(grid))
+    assert len(json.loads((out / "points.json").read_text())) == 2
+    run = pipeline.run_stage("07_report", SMOKE_CONFIG, force=True)
+    text = (run.run_dir / "report" / "REPORT.md").read_text()
+    assert "### Pooled over training seeds" in text and "(2 seeds)" in text

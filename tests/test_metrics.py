@@ -25,9 +25,9 @@ def test_refusal_detector(text, refusal):
 
 
 def test_harmless_rows_and_results_table(tmp_path):
-    harmful = [{"p_aligned": 0.9, "refusal": True}, {"p_aligned": 0.2, "refusal": False},
-               {"p_aligned": 0.4, "refusal": False}, {"p_aligned": 0.7, "refusal": True}]
-    benign = [{"p_aligned": 0.9, "refusal": True}, {"p_aligned": 0.9, "refusal": False}]
+    harmful = [{"id": f"h{i}", "p_aligned": p, "refusal": r}
+               for i, (p, r) in enumerate([(0.9, True), (0.2, False), (0.4, False), (0.7, True)])]
+    benign = [{"id": "b0", "p_aligned": 0.9, "refusal": True}, {"id": "b1", "p_aligned": 0.9, "refusal": False}]
     rows = {r["metric"]: r for r in metrics.harmless_rows("dpo", harmful, benign, n_boot=200, seed=0)}
     assert rows["harmful_compliance_rate"]["value"] == 0.5 and rows["harmful_compliance_rate"]["n"] == 4
     assert rows["harmful_refusal_rate"]["value"] == 0.5
@@ -41,6 +41,10 @@ def test_harmless_rows_and_results_table(tmp_path):
     table = metrics.results_table(run_dir).to_dict("records")
     assert len(table) == 4 and list(table[0]) == list(metrics.METRIC_FIELDS)
     assert {r["metric"] for r in table} == set(rows)
+    units = metrics.unit_table(run_dir, ["05_eval_harmless", "05_eval_lmeval"])
+    assert list(units.columns) == list(metrics.UNIT_FIELDS) and len(units) == 4 * 3 + 2
+    compliance = units[units.metric == "harmful_compliance_rate"]
+    assert dict(zip(compliance.unit, compliance.value)) == {"h0": 0.0, "h1": 1.0, "h2": 1.0, "h3": 0.0}
     with pytest.raises(FileNotFoundError, match="no evaluation stage"):
         metrics.results_table(tmp_path / "empty")
 
@@ -48,16 +52,23 @@ def test_harmless_rows_and_results_table(tmp_path):
 def test_metric_rows_round_trip_through_metrics_jsonl(tmp_path):
     from udasa_lib.io import read_jsonl
 
-    row = metrics.metric_row("sentiment", "base", "reward", [0.2, 0.4, 0.6], "05_eval_sentiment", 100, 0)
+    row = metrics.metric_row("sentiment", "base", "reward", [0.2, 0.4, 0.6], "05_eval_sentiment", 100, 0,
+                             units=["p1", "p2", "p3"])
     assert row["value"] == pytest.approx(0.4) and row["ci_low"] <= 0.4 <= row["ci_high"] and row["n"] == 3
     path = metrics.write_metrics(tmp_path / "m.jsonl", [{**row, "not_a_metric_field": 1}])
     assert read_jsonl(path) == [{field: row[field] for field in metrics.METRIC_FIELDS}]
+    assert [(u["unit"], u["value"]) for u in read_jsonl(tmp_path / metrics.UNITS_FILE)] == \
+        [("p1", 0.2), ("p2", 0.4), ("p3", 0.6)]
+    with pytest.raises(ValueError, match="3 values for 2 units"):
+        metrics.metric_row("sentiment", "base", "reward", [0.2, 0.4, 0.6], "s", 100, 0, units=["p1", "p2"])
+    with pytest.raises(ValueError, match="repeats"):
+        metrics.metric_row("sentiment", "base", "reward", [0.2, 0.4], "s", 100, 0, units=["p1", "p1"])
 
 
 def test_samples_of_one_prompt_count_once_in_the_bootstrap():
     records = [{"id": "a", "reward": 1.0}, {"id": "b", "reward": 0.0}, {"id": "a", "reward": 0.0},
                {"id": "b", "reward": 0.0}, {"id": "c", "reward": 1.0}]
-    assert metrics.per_prompt_means(records, "reward") == [0.5, 0.0, 1.0]
+    assert metrics.per_unit_means(records, "reward") == (["a", "b", "c"], [0.5, 0.0, 1.0])
 
 
 # --- paired comparisons ---------------------------------------------------------------------------
@@ -77,6 +88,13 @@ def test_paired_difference_matches_scipy_on_fixed_data():
     assert result["p"] == pytest.approx(t.pvalue, abs=0.01) or (result["p"] < 0.001 and t.pvalue < 0.001)
     low, high = scipy_stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scipy_stats.sem(d))
     assert result["low"] == pytest.approx(low, abs=0.006) and result["high"] == pytest.approx(high, abs=0.006)
+    # the same computation written directly against scipy (same generator, same order of draws)
+    rng = np.random.default_rng(1)
+    boot = scipy_stats.bootstrap((d,), np.mean, n_resamples=4000, method="percentile", random_state=rng)
+    perm = scipy_stats.permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), vectorized=True,
+                                        permutation_type="samples", n_resamples=4000, random_state=rng)
+    assert (result["low"], result["high"], result["p"]) == pytest.approx(
+        (boot.confidence_interval.low, boot.confidence_interval.high, perm.pvalue), abs=1e-12)
     same = paired_difference(a, a)
     assert (same["mean"], same["low"], same["high"], same["p"]) == (0.0, 0.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="differ in length"):

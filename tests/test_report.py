@@ -12,36 +12,101 @@ def _row(value, low, high, metric="reward"):
     return {"metric": metric, "value": value, "ci_low": low, "ci_high": high}
 
 
-@pytest.mark.parametrize("a, b, higher_is_better, verdict", [
-    (_row(0.8, 0.7, 0.9), _row(0.5, 0.4, 0.6), True, report.SUPPORTED),
-    (_row(0.8, 0.7, 0.9), _row(0.5, 0.4, 0.6), False, report.NOT_SUPPORTED),
-    (_row(0.6, 0.5, 0.7), _row(0.55, 0.45, 0.65), True, report.INCONCLUSIVE),
-    (_row(0.6, 0.5, 0.7), None, True, report.NOT_RUN),
-    (_row(0.6, float("nan"), 0.7), _row(0.5, 0.4, 0.6), True, report.NOT_RUN),
-])
-def test_verdict_comes_from_the_intervals_only(a, b, higher_is_better, verdict):
-    assert report.compare(a, b, higher_is_better) == verdict
+VALID = {name: {"valid": True} for name in ("harm probe", "IMDb sentiment classifier", "refusal keywords",
+                                            "labelled answers", "computed", "pairwise judge j")}
 
 
-def test_sign_verdict():
-    assert report.sign_verdict(_row(-0.2, -0.3, -0.1), negative=True) == report.SUPPORTED
-    assert report.sign_verdict(_row(0.2, 0.1, 0.3), negative=True) == report.NOT_SUPPORTED
-    assert report.sign_verdict(_row(0.0, -0.1, 0.1), negative=True) == report.INCONCLUSIVE
+def _units(task, metric, method, values):
+    return pd.DataFrame([{"task": task, "method": method, "metric": metric, "unit": f"p{i}", "value": v}
+                         for i, v in enumerate(values)])
 
 
-def test_claims_table_reads_the_results_table():
-    table = pd.DataFrame([
-        {"task": "sentiment", "method": "udasa", **_row(0.9, 0.85, 0.95)},
-        {"task": "sentiment", "method": "dpo", **_row(0.5, 0.45, 0.55)},
-        {"task": "alignment", "method": "udasa", **_row(55.0, 50.0, 60.0, "win_rate")},
+def _decided(units, validity=VALID, claims=report.CLAIMS):
+    rows = report.claim_rows(units, validity, "j", n_resamples=500, seed=0, claims=claims)
+    return {r["text"]: r for r in report.decide(rows, alpha=0.05, power=0.8, effects={"reward": 0.03})}
+
+
+def test_paired_claims_are_decided_by_holm_adjusted_permutation_p():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.8, 60)
+    units = pd.concat([
+        _units("sentiment", "reward", "dpo", base),
+        _units("sentiment", "reward", "udasa", base + 0.1 + rng.normal(0, 0.02, 60)),  # clearly better
+        _units("sentiment", "reward", "udasa_reverse", base + 0.1 + rng.normal(0, 0.02, 60)),  # clearly worse
+        _units("sentiment", "reward", "udasa_semantic", base + 0.1 + rng.normal(0, 0.3, 60)),  # noisy: not detected
     ])
-    claims = report.claims_table(table, prelim=None).set_index("claim")
-    assert claims.loc["UDASA beats DPO on controlled sentiment (reward)", "verdict"] == report.SUPPORTED
-    assert claims.loc["UDASA beats DPO on controlled sentiment (reward)", "our number"] == (
-        "udasa 0.900 [0.850, 0.950] vs dpo 0.500 [0.450, 0.550]")
-    assert claims.loc["UDASA is more helpful than DPO (win rate vs base)", "our number"] == (
-        "udasa 55.0 [50.0, 60.0] vs dpo -")
-    assert claims.loc["UDASA is more helpful than DPO (win rate vs base)", "verdict"] == report.NOT_RUN
+    units.loc[units.method == "udasa_reverse", "value"] += 0.2
+    decided = _decided(units)
+    better = decided["UDASA beats DPO on controlled sentiment (reward)"]
+    assert better["verdict"] == report.SUPPORTED and better["tested"].mean == pytest.approx(0.1, abs=0.01)
+    assert better["tested"].paired and better["tested"].n == 60
+    assert decided["Staged order beats the reversed order (reward)"]["verdict"] == report.CONTRADICTED
+    noisy = decided["All three dimensions beat semantic only (reward)"]
+    assert noisy["verdict"] == report.NO_DIFFERENCE
+    # the MDE is at alpha / m for the m tested claims, and n needed is its inverse for report.effects
+    from udasa_lib.stats import minimum_detectable_effect, needed_n
+
+    m = sum(1 for r in decided.values() if r["tested"] is not None)
+    assert m == 3 and noisy["MDE"] == pytest.approx(minimum_detectable_effect(noisy["tested"].spread, 60, 0.05 / m))
+    assert noisy["n needed"] == needed_n(noisy["tested"].spread, 0.03, 0.05 / m)
+    # Holm: adjusted p's are at least the raw ones and the smallest is multiplied by m
+    smallest = min(decided.values(), key=lambda r: r["tested"].p if r["tested"] else 2)
+    assert smallest["p (Holm)"] == pytest.approx(min(1.0, 3 * smallest["tested"].p))
+    assert decided["UAL-DPO beats DPO on controlled sentiment (reward)"]["verdict"] == report.NOT_RUN
+    table = report.render(list(decided.values()))
+    assert list(table.columns) == ["paper", "claim", "metric", "instrument", "n", "difference [95 % CI]", "p",
+                                   "p (Holm)", "verdict", "MDE", "n needed"]
+
+
+def test_a_claim_on_an_instrument_without_validity_is_not_decided():
+    units = pd.concat([_units("alignment", "win_rate", "udasa", [90.0, 80.0, 95.0, 85.0] * 5),
+                       _units("alignment", "win_rate", "dpo", [10.0, 20.0, 5.0, 15.0] * 5)])
+    units["unit"] = [f"p{i}" for i in range(20)] * 2
+    decided = _decided(units, validity={**VALID, "pairwise judge j": {"valid": False}})
+    row = decided["UDASA is more helpful than DPO (win rate vs base)"]
+    assert row["verdict"] == report.INSTRUMENT_NOT_VALID and row["tested"].mean == pytest.approx(75.0)
+    assert row["p (Holm)"] != row["p (Holm)"]  # NaN: not in the family
+
+
+def test_policies_measured_on_different_prompts_are_refused():
+    units = pd.concat([_units("sentiment", "reward", "udasa", [0.1, 0.2]), _units("sentiment", "reward", "dpo", [0.1])])
+    units.loc[units.method == "dpo", "unit"] = "other"
+    with pytest.raises(ValueError, match="different units"):
+        report.paired_values(units, "sentiment", "reward", "udasa", "dpo")
+
+
+def test_pooling_seeds_averages_each_unit_first():
+    a = _units("sentiment", "reward", "dpo", [0.2, 0.4])
+    b = _units("sentiment", "reward", "dpo", [0.4, 0.8])
+    pooled = report.pooled_units([a, b])
+    assert pooled.value.tolist() == pytest.approx([0.3, 0.6]) and pooled.unit.tolist() == ["p0", "p1"]
+
+
+def test_controls_compare_every_method_with_base_without_a_direction():
+    units = pd.concat([_units("sentiment", "reward", "base", [0.5] * 30),
+                       _units("sentiment", "reward", "dpo", [0.3 + 0.01 * (i % 3) for i in range(30)])])
+    rows = report.control_rows(units, {"sentiment": ["dpo", "udasa"]}, VALID, "j", 500, 0)
+    decided = report.decide(rows, 0.05, 0.8, {}, directional=False)
+    assert [(r["text"], r["verdict"]) for r in decided] == [("dpo vs base", report.LOWER)]
+
+
+def test_instruments_registry_and_validity():
+    from udasa_lib import instruments
+
+    assert instruments.instrument_of("alignment", "win_rate", "j").kind == instruments.NOT_ON_RECORD
+    assert instruments.instrument_of("alignment", "udasa_truthful_mc_acc").kind == instruments.EXACT
+    with pytest.raises(KeyError, match="no instrument"):
+        instruments.instrument_of("alignment", "made_up_metric")
+    records = instruments.validity_records({"balanced_accuracy": 0.78, "accuracy": 0.78, "n_test": 339, "roc_auc": 0.9},
+                                           {"accuracy": 0.52, "n_test": 20}, "j")
+    assert records["harm probe"]["valid"] and not records["IMDb sentiment classifier"]["valid"]  # 0.52 on 20: chance
+    assert not records["pairwise judge j"]["valid"] and not records["refusal keywords"]["valid"]
+    assert records["labelled answers"]["valid"]
+    # every claim's metric has an instrument
+    for claim in report.CLAIMS:
+        instruments.instrument_of(claim.task, claim.metric, "j")
 
 
 def test_wide_table_orders_methods_and_marks_missing_cells():

@@ -146,14 +146,19 @@ def test_project_2d_and_plots_write_pngs(tmp_path):
 
 
 def test_last_layer_ci_is_the_score_with_an_interval_over_responses():
-    from sklearn.metrics import silhouette_score
+    from sklearn.metrics import silhouette_samples, silhouette_score
 
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2], 40)
     points = rng.normal(size=(120, 8)) + labels[:, None] * 1.5
     examples = np.arange(120) // 6  # 20 "responses" of 6 tokens
-    value, low, high = sil.last_layer_ci(points, labels, examples, max_points=500, n_boot=200, seed=0)
+    value, low, high, per_response = sil.last_layer_ci(points, labels, examples, max_points=500, n_boot=200, seed=0)
     assert value == pytest.approx(silhouette_score(points, labels, metric="cosine"), abs=1e-9)
     assert low < value < high
+    # every response once, its tokens' mean; equal-sized responses average back to the score
+    per_token = silhouette_samples(points, labels, metric="cosine")
+    assert list(per_response) == list(range(20))
+    assert per_response[3] == pytest.approx(per_token[18:24].mean(), abs=1e-12)
+    assert np.mean(list(per_response.values())) == pytest.approx(value, abs=1e-9)
     with pytest.raises(ValueError, match="2 labels"):
         sil.last_layer_ci(points, np.arange(120), examples)

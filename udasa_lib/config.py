@@ -239,6 +239,15 @@ class SilhouetteConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    alpha: Fraction  # family-wise error rate of each table of paired claims (Holm)
+    power: Fraction  # power of the minimum detectable effect and of the n each claim needs
+    # metric -> the smallest difference worth detecting (metric units; win rate in points): the
+    # "n needed" column is the units a paired test needs to see it
+    effects: dict[str, PositiveFloat]
+
+
+@dataclass(frozen=True)
 class Config:
     seed: NonNegative
     model: ModelConfig
@@ -253,6 +262,7 @@ class Config:
     eval_lmeval: EvalLmevalConfig
     eval_sentiment: EvalSentimentConfig
     silhouette: SilhouetteConfig
+    report: ReportConfig
     bootstrap_samples: Positive  # resamples of prompts for every 95 % confidence interval
 
     def to_dict(self) -> dict[str, Any]:

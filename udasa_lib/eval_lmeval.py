@@ -171,10 +171,11 @@ def run_eval_lmeval(run) -> dict:
         for task in params.tasks:
             answered = [q for q in per_question if q["task"] == task]
             for metric in ("acc", "acc_norm"):
-                values = [q[metric] for q in answered if q.get(metric) is not None]
-                if values:
-                    rows.append(metrics.metric_row("alignment", name, f"{task}_{metric}", values, run.name,
-                                                   cfg.bootstrap_samples, cfg.seed))
+                scored = [q for q in answered if q.get(metric) is not None]
+                if scored:
+                    rows.append(metrics.metric_row("alignment", name, f"{task}_{metric}", [q[metric] for q in scored],
+                                                   run.name, cfg.bootstrap_samples, cfg.seed,
+                                                   [q["id"] if q.get("id") is not None else q["doc_id"] for q in scored]))
     metrics.write_metrics(run.dir / metrics.METRICS_FILE, rows)
     run.add_to_manifest(tasks=list(params.tasks), questions=rows[0]["n"] if rows else 0)
     names = list(dict.fromkeys(r["metric"] for r in rows))

@@ -1,16 +1,20 @@
 """Stage 05_eval_sentiment: controlled sentiment generation (DPO paper, App. C).
 
 Every sentiment policy continues held-out IMDb prefixes (`eval_sentiment.samples_per_prompt`
-samples each, at `eval_sentiment.temperature`; 0 = greedy). Per sample: the ground-truth reward
-P(positive) of prefix + continuation from the classifier fitted in 00_data (kept apart from
-training), and log pi(y|x) - log pi_ref(y|x) teacher-forced on the generated ids, whose mean
-is the sequence-level KL(pi || pi_ref) with pi_ref = base. Intervals resample prefixes (the
-samples of one prefix are averaged first).
+samples each, at `eval_sentiment.temperature`; 0 = greedy). Sample j of prefix i is drawn with
+the seed `generation.sample_seed(seed, prefix id, j)` under every policy (common random numbers):
+two policies differ in their samples only where their distributions differ, so the paired
+differences of 07_report do not carry sampling noise the policies share. Per sample: the
+ground-truth reward P(positive) of prefix + continuation from the classifier fitted in 00_data
+(kept apart from training), and log pi(y|x) - log pi_ref(y|x) (pi's from the sampler, the
+untempered log-probs of the generated ids; pi_ref = base teacher-forced on them), whose mean is
+the sequence-level KL(pi || pi_ref). Intervals resample prefixes (the samples of one prefix are
+averaged first).
 """
 from __future__ import annotations
 
 from udasa_lib import metrics, policies
-from udasa_lib.generation import encode_prompt
+from udasa_lib.generation import encode_prompt, sample_seed
 from udasa_lib.io import read_jsonl
 
 GENERATIONS_DIR = "generations"
@@ -31,7 +35,9 @@ def run_eval_sentiment(run) -> dict:
     if len(prefixes) < params.prompts:
         raise ValueError(f"eval_sentiment.prompts: sentiment_test has {len(prefixes)} prefixes, "
                          f"{params.prompts} requested")
-    prompts = [r for r in prefixes[:params.prompts] for _ in range(params.samples_per_prompt)]
+    draws = [(r, j) for r in prefixes[:params.prompts] for j in range(params.samples_per_prompt)]  # (prefix, sample)
+    prompts = [r for r, _ in draws]
+    row_seeds = [sample_seed(cfg.seed, r["id"], j) for r, j in draws]
     reward_model = SentimentReward.load(data_dir / SENTIMENT_REWARD_FILE)
     model, tokenizer = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, cfg.runtime.device)
     policy_set = policies.PolicySet(model, policies.policy_adapters(run, "sentiment"))
@@ -40,25 +46,30 @@ def run_eval_sentiment(run) -> dict:
     def continuations(name, policy):
         outputs = policies.generate(policy, tokenizer, prompt_ids, max_new_tokens=params.max_new_tokens,
                                     batch_size=params.batch_size, temperature=params.temperature, seed=cfg.seed,
-                                    desc=name, engine=cfg.runtime.generation_engine)
+                                    desc=name, engine=cfg.runtime.generation_engine, row_seeds=row_seeds,
+                                    with_logprobs=True)
         completions = [o["token_ids"] for o in outputs]
-        logp_policy = policies.sequence_logprobs(policy, tokenizer, prompt_ids, completions, params.batch_size)
-        with policy_set.use(policies.BASE) as reference:
-            logp_reference = policies.sequence_logprobs(reference, tokenizer, prompt_ids, completions,
-                                                        params.batch_size)
+        logp_policy = [sum(o["token_logprobs"]) for o in outputs]
+        if name == policies.BASE:  # pi is pi_ref: the ratio is 0 by definition, not up to rounding
+            logp_reference = logp_policy
+        else:
+            with policy_set.use(policies.BASE) as reference:
+                logp_reference = policies.sequence_logprobs(reference, tokenizer, prompt_ids, completions,
+                                                            params.batch_size)
         reviews = [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompt_ids, completions)]
         rewards = reward_model.reward(reviews)
-        return [{"id": r["id"], "prefix": r["text"], "continuation": o["text"], "token_ids": o["token_ids"],
+        return [{"id": r["id"], "sample": j, "prefix": r["text"], "continuation": o["text"], "token_ids": o["token_ids"],
                  "logp_policy": float(lp), "logp_reference": float(lr), "log_ratio": float(lp - lr),
                  "reward": float(rw)}
-                for r, o, lp, lr, rw in zip(prompts, outputs, logp_policy, logp_reference, rewards)]
+                for (r, j), o, lp, lr, rw in zip(draws, outputs, logp_policy, logp_reference, rewards)]
 
     generations = policies.for_each_policy(policy_set, run.dir / GENERATIONS_DIR, continuations)
     rows = []
     for name, records in generations.items():
         for metric, field in (("reward", "reward"), ("kl", "log_ratio")):
-            rows.append(metrics.metric_row("sentiment", name, metric, metrics.per_prompt_means(records, field),
-                                           run.name, cfg.bootstrap_samples, cfg.seed))
+            units, values = metrics.per_unit_means(records, field)
+            rows.append(metrics.metric_row("sentiment", name, metric, values, run.name, cfg.bootstrap_samples,
+                                           cfg.seed, units))
     metrics.write_metrics(run.dir / metrics.METRICS_FILE, rows)
     run.add_to_manifest(reward_model=reward_model.metrics, samples=len(prompts))
     plot_reward_kl(rows, policy_set.names, run.dir / FIGURE_FILE)

@@ -240,14 +240,14 @@ def run_eval_winrate(run) -> dict:
             annotations.append({"instruction": r["prompt"], "output_1": o1, "output_2": o2, "generator_1": BASE,
                                 "generator_2": method, "annotator": f"local:{judge_name}", **j,
                                 "length_preference": lp})
+        units = [r["id"] for r in base]
         for metric, preferences in (("win_rate", [j["preference"] for j in judged]), ("length_win_rate", by_length)):
             result = win_rate(preferences, n_boot=cfg.bootstrap_samples, seed=cfg.seed)
-            rows.append({"task": "alignment", "method": method, "metric": metric, "value": result["win_rate"],
-                         "ci_low": result["ci_low"], "ci_high": result["ci_high"], "n": result["n"],
-                         "stage": run.name})
+            rows.append(metrics.metric_row("alignment", method, metric, [(p - 1) * 100 for p in preferences],
+                                           run.name, cfg.bootstrap_samples, cfg.seed, units, value=result["win_rate"]))
         rows.append(metrics.metric_row("alignment", method, "judge_first_listed_rate",
                                        [j["p_first_listed"] for j in judged], run.name, cfg.bootstrap_samples,
-                                       cfg.seed))
+                                       cfg.seed, units))
     atomic_write_jsonl(run.dir / ANNOTATIONS_FILE, annotations)
     metrics.write_metrics(run.dir / metrics.METRICS_FILE, rows)
     run.add_to_manifest(judge=judge_name, annotator_config=DEFAULT_CONFIG, pairs=len(annotations))

@@ -35,6 +35,16 @@ def batch_seed(seed: int, task: str, batch_index: int) -> int:
     return int(digest[:8], 16)
 
 
+def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
+    """The seed of prompt `prompt_id`'s `sample_index`-th sample, the same under every policy:
+    common random numbers, so that paired differences between policies cancel the shared noise
+    (`generate(row_seeds=...)`)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"crn/{seed}/{prompt_id}/{sample_index}".encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
 def format_prompt(tokenizer, text: str, chat_template: bool) -> str:
     """The prompt as the model reads it: a user turn of the chat template, or the raw text."""
     if chat_template and tokenizer.chat_template:
@@ -174,7 +184,8 @@ ENGINES = ("loop", "hf")
 
 def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
              top_p: float = 1.0, top_k: int = 0, num_return_sequences: int = 1, seed: int = 0,
-             with_logprobs: bool = False, engine: str = "loop") -> list[dict[str, Any]]:
+             with_logprobs: bool = False, engine: str = "loop",
+             row_seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Continuations of every prompt, prompt-major: rows [i * n + j] is prompt i's j-th continuation.
 
     Each row: token_ids (to the first EOS inclusive), finish_reason ("eos" | "length"), text (decoded
@@ -187,7 +198,14 @@ def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
     produce the same ids (tests/test_generation.py checks it on the tiny model and `make bench` on
     the default one). Prompts are repeated n times, which draws the same samples as transformers'
     num_return_sequences and also works for greedy decoding.
-    Raises ValueError for n < 1 or an unknown engine.
+
+    `row_seeds` (one per output row, e.g. `sample_seed` of each prompt and sample; loop engine
+    only) gives every row its own random stream instead: at each step row r draws one uniform u
+    from its own generator and takes the token where the warped CDF first exceeds u (inverse-CDF
+    sampling). A row's draw then depends on its seed and its own distribution only, not on the
+    batch, and two policies fed the same seeds make the same choice wherever their distributions
+    agree: common random numbers for paired comparisons.
+    Raises ValueError for n < 1, an unknown engine, or row_seeds of the wrong length or with engine "hf".
     """
     import torch
 
@@ -196,14 +214,25 @@ def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
     if engine not in ENGINES:
         raise ValueError(f"unknown generation engine {engine!r}; choose one of {', '.join(ENGINES)}")
     sampling_kwargs(temperature, top_p, top_k)  # the one temperature rule, checked for both engines
+    if row_seeds is not None:
+        if engine != "loop":
+            raise ValueError("row_seeds (common random numbers) are drawn by the 'loop' engine only; "
+                             "set runtime.generation_engine: loop")
+        if len(row_seeds) != len(prompt_ids) * num_return_sequences:
+            raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {len(prompt_ids)} prompts x "
+                             f"{num_return_sequences} sequences")
     if not prompt_ids:
         return []
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-    decode = _decode_loop if engine == "loop" else _decode_hf
-    generated, logprobs = decode(model, tokenizer, [list(p) for p in prompt_ids], num_return_sequences,
-                                 max_new_tokens, temperature, top_p, top_k, with_logprobs)
+    prompts = [list(p) for p in prompt_ids]
+    if engine == "loop":
+        generated, logprobs = _decode_loop(model, tokenizer, prompts, num_return_sequences, max_new_tokens,
+                                           temperature, top_p, top_k, with_logprobs, row_seeds)
+    else:
+        generated, logprobs = _decode_hf(model, tokenizer, prompts, num_return_sequences, max_new_tokens,
+                                         temperature, top_p, top_k, with_logprobs)
     eos = eos_ids(model, tokenizer)
     rows = []
     for r, sequence in enumerate(generated):
@@ -311,7 +340,19 @@ def _new_cache(model, capacity: int):
     return Cache(layers=[_preallocated_layer_class()(capacity) for _ in range(layers)])
 
 
-def _decode_loop(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, top_k, with_logprobs):
+def _inverse_cdf_draw(probs, generators):
+    """One token per row of probs [R, V]: the first index where row r's CDF exceeds a uniform from
+    generators[r] (zero-probability tokens are never chosen: their CDF step is empty)."""
+    import torch
+
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(probs.device)
+    cdf = probs.double().cumsum(dim=-1)
+    u = u * cdf[:, -1]  # the CDF's last value is 1 up to rounding
+    return torch.searchsorted(cdf, u[:, None], right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def _decode_loop(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, top_k, with_logprobs,
+                 row_seeds=None):
     """Autoregressive decoding with the prompt read once per prompt rather than once per continuation.
 
     1. Prefill: the B distinct prompts, left-padded, one forward pass; its cache and last logits are
@@ -322,6 +363,7 @@ def _decode_loop(model, tokenizer, prompts, n, max_new_tokens, temperature, top_
     3. A row that ended leaves the forward pass (its cache rows are dropped) but keeps its place
        in the sampling tensor: torch.multinomial draws one exponential per element whatever the
        probabilities are, so the random stream, and every other row's draw, stays transformers'.
+       With row_seeds, the active rows draw by `_inverse_cdf_draw` from their own generators instead.
     Returns (ids per row, length max_new_tokens or up to the step all rows had ended; log-probs or None).
     """
     import torch
@@ -346,10 +388,15 @@ def _decode_loop(model, tokenizer, prompts, n, max_new_tokens, temperature, top_
             attention_mask = attention_mask.repeat_interleave(n, dim=0)
             position = position.repeat_interleave(n, dim=0)
         active = torch.arange(rows, device=device)  # the output row of each row of the forward batch
+        generators = ([torch.Generator().manual_seed(int(s)) for s in row_seeds]
+                      if row_seeds is not None and sampling else None)
         scores = torch.zeros((rows, logits.shape[-1]), dtype=torch.float32, device=device)
         steps = 0
         for step in range(max_new_tokens):
-            if sampling:
+            if generators is not None:
+                warped = warpers(None, logits.clone()) if warpers else logits
+                chosen = _inverse_cdf_draw(torch.softmax(warped, dim=-1), [generators[r] for r in active.tolist()])
+            elif sampling:
                 scores.zero_()
                 scores[active] = logits
                 if warpers:
@@ -403,11 +450,14 @@ def completion_logprobs(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
         for i, row in enumerate(rows):
             ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, :len(row)] = 1
+        # the logit at position t predicts token t + 1: only positions from the shortest prompt's
+        # last token on score a completion, so the LM head runs on those alone
+        first = max(min(len(p) for p in prompts) - 1, 0)
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1).to(device)).squeeze(-1)
-        logp = logp.cpu()
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           logits_to_keep=width - first).logits[:, :-1].float()
+            targets = ids[:, first + 1:].unsqueeze(-1).to(device)
+            logp = (logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)).cpu()
         for i, (p, c) in enumerate(zip(prompts, completions)):
-            # the logit at position t predicts token t + 1
-            out.append(logp[i, len(p) - 1: len(p) - 1 + len(c)].tolist() if len(c) else [])
+            out.append(logp[i, len(p) - 1 - first: len(p) - 1 - first + len(c)].tolist() if len(c) else [])
     return out

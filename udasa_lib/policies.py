@@ -61,10 +61,14 @@ class PolicySet:
 
 
 def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
-             temperature: float = 0.0, seed: int = 0, desc: str = "", engine: str = "loop") -> list[dict]:
+             temperature: float = 0.0, seed: int = 0, desc: str = "", engine: str = "loop",
+             row_seeds: Sequence[int] | None = None, with_logprobs: bool = False) -> list[dict]:
     """One continuation per prompt (ids from `generation.encode_prompt`), batched: text, token ids,
     finish reason. temperature 0 = greedy, > 0 = plain ancestral sampling (top_k=0, top_p=1), seeded
-    per batch so a batch size change is the only thing that changes the draws."""
+    per batch so a batch size change is the only thing that changes the draws; with `row_seeds`
+    (one per prompt, `generation.sample_seed`) each row is seeded alone, the same under every
+    policy and every batching (common random numbers). `with_logprobs` adds token_logprobs, the
+    untempered policy's log-prob of each generated token (`generation.generate`)."""
     from tqdm.auto import tqdm
 
     records: list[dict] = []
@@ -72,7 +76,9 @@ def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
     for index, start in enumerate(tqdm(batches, desc=desc or "generate", leave=False)):
         records += generation.generate(model, tokenizer, prompt_ids[start:start + batch_size],
                                        max_new_tokens=max_new_tokens, temperature=temperature,
-                                       seed=generation.batch_seed(seed, desc, index), engine=engine)
+                                       seed=generation.batch_seed(seed, desc, index), engine=engine,
+                                       row_seeds=None if row_seeds is None else row_seeds[start:start + batch_size],
+                                       with_logprobs=with_logprobs)
     return records
 
 

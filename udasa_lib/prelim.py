@@ -8,6 +8,11 @@ not independent):
      (expected negative: more reliable, more positive);
   2. per stage, the share of pairs where the ground truth agrees with the preference
      (reward(chosen) > reward(rejected)); the conservative stage should agree most.
+Each question also gets a test for 07_report's claims table: the within-prompt Spearman
+correlation per prompt, against 0 with the paired machinery (`stats.paired_difference`: u is
+normalised within a prompt, so the within-prompt correlation is the quantity the method relies
+on); conservative against exploratory agreement as two independent samples of pairs
+(`stats.independent_difference`).
 Analysis only: the reward never reaches scoring or pair selection.
 """
 from __future__ import annotations
@@ -51,6 +56,36 @@ def spearman_with_ci(u: Sequence[float], reward: Sequence[float], groups: Sequen
             "n_prompts": len(set(groups))}
 
 
+def within_prompt_spearman(u: Sequence[float], reward: Sequence[float], groups: Sequence[str],
+                           n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Spearman(u, reward) within each prompt (prompts where either is constant are left out), and
+    their mean against 0: `stats.paired_difference` over prompts, plus the per-prompt values."""
+    from scipy.stats import spearmanr
+
+    from udasa_lib.stats import paired_difference
+
+    u, reward, groups = np.asarray(u, float), np.asarray(reward, float), np.asarray(groups)
+    per_prompt = {}
+    for group in dict.fromkeys(groups.tolist()):
+        rows = groups == group
+        if len(set(u[rows])) > 1 and len(set(reward[rows])) > 1:
+            per_prompt[str(group)] = float(spearmanr(u[rows], reward[rows]).statistic)
+    values = np.asarray(list(per_prompt.values()))
+    return {**paired_difference(values, np.zeros_like(values), n_resamples, seed), "per_prompt": per_prompt}
+
+
+def stage_agreement_difference(pairs: Sequence[dict], reward_chosen: Sequence[float],
+                               reward_rejected: Sequence[float], n_resamples: int = 2000, seed: int = 0,
+                               stages: tuple[str, str] = ("conservative", "exploratory")) -> dict:
+    """Agreement of the first stage minus the second's, as two independent samples of pairs."""
+    from udasa_lib.stats import independent_difference
+
+    agree = (np.asarray(reward_chosen) > np.asarray(reward_rejected)).astype(float)
+    stage_of = np.asarray([p["stage"] for p in pairs])
+    first, second = (agree[stage_of == name] for name in stages)
+    return {"stages": list(stages), **independent_difference(first, second, n_resamples, seed)}
+
+
 def agreement_by_stage(pairs: Sequence[dict], reward_chosen: Sequence[float], reward_rejected: Sequence[float],
                        n_boot: int = 1000, seed: int = 0) -> list[dict]:
     """Per stage (and overall): share of pairs with reward(chosen) > reward(rejected), with its CI."""
@@ -86,6 +121,8 @@ def run_preliminary_study(run, task: str = "sentiment", n_boot: int = 1000) -> d
     if responses.empty or not pairs:
         raise ValueError(f"preliminary study: no {task} responses or pairs in {run.dir}")
     responses["reward"] = reward.reward(responses["text"].tolist())
+    reward_chosen = reward.reward([p["chosen"] for p in pairs])
+    reward_rejected = reward.reward([p["rejected"] for p in pairs])
     result = {
         "task": task,
         "spearman_u_vs_reward": spearman_with_ci(responses["u"], responses["reward"], responses["prompt_id"],
@@ -93,9 +130,11 @@ def run_preliminary_study(run, task: str = "sentiment", n_boot: int = 1000) -> d
         "spearman_by_dimension": {d: spearman_with_ci(responses[d], responses["reward"], responses["prompt_id"],
                                                       n_boot, run.config.seed)
                                   for d in ("semantic", "factual", "value")},
-        "agreement_by_stage": agreement_by_stage(pairs, reward.reward([p["chosen"] for p in pairs]),
-                                                 reward.reward([p["rejected"] for p in pairs]), n_boot,
-                                                 run.config.seed),
+        "agreement_by_stage": agreement_by_stage(pairs, reward_chosen, reward_rejected, n_boot, run.config.seed),
+        "spearman_within_prompt": within_prompt_spearman(responses["u"], responses["reward"],
+                                                         responses["prompt_id"], seed=run.config.seed),
+        "agreement_difference": stage_agreement_difference(pairs, reward_chosen, reward_rejected,
+                                                           seed=run.config.seed),
     }
     atomic_write_json(run.dir / PRELIM_FILE, result)
     run.add_to_manifest(preliminary_study=result)

@@ -1,11 +1,22 @@
-"""07_report: collate a run into REPORT.md, with verdicts computed from the numbers.
+"""07_report: collate a run into REPORT.md, with verdicts computed from paired tests.
 
-A claim compares two methods on one metric (or one quantity against zero). Its verdict comes
-from the 95 % intervals only: `supported` when the intervals are disjoint in the claimed
-direction, `not supported` when disjoint the other way, `inconclusive at this size` when they
-overlap, `not run` when the run lacks a method or metric. Disjoint 95 % intervals are a
-conservative test (roughly p < 0.006 for two independent means), so "inconclusive" is common
-at laptop scale, and that is the honest reading.
+A claim compares two policies on one metric over the same held-out units (prompts, questions,
+responses): the per-unit differences better - than (`metrics.unit_table`), their mean with a
+paired bootstrap interval and a sign-flip permutation p-value (`stats.paired_difference`, scipy),
+Holm's correction across the table's claims (`stats.holm`). Verdicts:
+
+- `supported` / `contradicted`: Holm-adjusted p < report.alpha, the difference in / against the
+  claimed direction;
+- `no difference detected`: otherwise, printed with the minimum detectable effect (MDE) at
+  report.power for this n and this observed spread, at level alpha / m (Holm's strictest step, so
+  an effect of that size is found whatever the other claims do), and the n the claim would need
+  to detect the effect of interest of its metric (report.effects);
+- `instrument not valid`: the metric's instrument has no validity on record or is at chance
+  (`instruments.py`); its numbers are shown but it takes no part in the Holm family;
+- `not run`: the run lacks a method or metric.
+The preliminary study's two claims (03_pairs) join the same family: the within-prompt Spearman
+correlation against 0 (paired over prompts) and conservative against exploratory agreement (two
+independent samples of pairs, `stats.independent_difference`).
 """
 from __future__ import annotations
 
@@ -13,8 +24,9 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -22,8 +34,11 @@ from udasa_lib import REPO_ROOT
 from udasa_lib.config import dotted_get
 from udasa_lib.metrics import interval_text
 
-SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_RUN = "supported", "not supported", "inconclusive at this size", "not run"
+SUPPORTED, CONTRADICTED, NO_DIFFERENCE = "supported", "contradicted", "no difference detected"
+INSTRUMENT_NOT_VALID, NOT_RUN = "instrument not valid", "not run"
+HIGHER, LOWER = "higher", "lower"  # verdicts of the controls, which claim no direction
 INFERRED_CHOICES_FILE = REPO_ROOT / "configs" / "inferred_choices.yaml"
+UNIT_STAGES = ("05_eval_harmless", "05_eval_winrate", "05_eval_lmeval", "05_eval_sentiment", "06_silhouette")
 
 
 @dataclass(frozen=True)
@@ -63,32 +78,207 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("UAL", "UAL-DPO is more harmless than DPO (refusal rate, probe-independent)", "alignment",
           "harmful_refusal_rate", "ual_dpo", "dpo", True),
     Claim("UAL", "UAL-SFT is more helpful than SFT (win rate vs base)", "alignment", "win_rate", "ual_sft", "sft", True),
-    Claim("UAL", "UAL-SFT tightens token clusters vs SFT (last-layer silhouette)", "alignment", "silhouette_token_last",
-          "ual_sft", "sft", True),
-    Claim("UAL", "UAL-DPO tightens token clusters vs DPO (last-layer silhouette)", "alignment", "silhouette_token_last",
-          "ual_dpo", "dpo", True),
+    Claim("UAL", "UAL-SFT tightens token clusters vs SFT (last-layer silhouette per response)", "alignment",
+          "silhouette_token_last", "ual_sft", "sft", True),
+    Claim("UAL", "UAL-DPO tightens token clusters vs DPO (last-layer silhouette per response)", "alignment",
+          "silhouette_token_last", "ual_dpo", "dpo", True),
 )
 
-
-def compare(a: dict | None, b: dict | None, higher_is_better: bool) -> str:
-    if a is None or b is None or any(not math.isfinite(float(x[k])) for x in (a, b) for k in ("ci_low", "ci_high")):
-        return NOT_RUN
-    a_above = a["ci_low"] > b["ci_high"]
-    b_above = b["ci_low"] > a["ci_high"]
-    if not (a_above or b_above):
-        return INCONCLUSIVE
-    return SUPPORTED if a_above == higher_is_better else NOT_SUPPORTED
+# The metrics every trained method is compared with base on (the controls table), and which way is better.
+CONTROL_METRICS: dict[str, tuple[tuple[str, bool], ...]] = {
+    "alignment": (("harmful_compliance_rate", False), ("harmful_refusal_rate", True),
+                  ("benign_over_refusal_rate", False), ("udasa_truthful_mc_acc", True)),
+    "sentiment": (("reward", True), ("kl", True)),
+}
 
 
-def sign_verdict(row: dict | None, negative: bool) -> str:
-    """A quantity claimed below zero (negative=True) or above it, judged by its interval."""
-    if row is None or not all(math.isfinite(float(row[k])) for k in ("ci_low", "ci_high")):
-        return NOT_RUN
-    if row["ci_high"] < 0:
-        return SUPPORTED if negative else NOT_SUPPORTED
-    if row["ci_low"] > 0:
-        return NOT_SUPPORTED if negative else SUPPORTED
-    return INCONCLUSIVE
+@dataclass(frozen=True)
+class Tested:
+    """One claim's numbers before the family-wise correction."""
+    n: int
+    mean: float  # better - than, metric units
+    low: float
+    high: float
+    p: float  # two-sided, uncorrected
+    spread: float  # sd of the per-unit differences (paired) or the standard error (independent)
+    paired: bool
+    better_mean: float = float("nan")
+    than_mean: float = float("nan")
+
+
+def paired_values(units: pd.DataFrame, task: str, metric: str, a: str, b: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-unit values of methods a and b on (task, metric), aligned on the unit id; None when either
+    is missing. Raises ValueError when the two were measured on different units."""
+    part = units[(units.task == task) & (units.metric == metric)]
+    by_method = {m: part[part.method == m].set_index("unit")["value"] for m in (a, b)}
+    if any(v.empty for v in by_method.values()):
+        return None
+    if set(by_method[a].index) != set(by_method[b].index):
+        only = sorted(set(by_method[a].index) ^ set(by_method[b].index))[:3]
+        raise ValueError(f"{task}/{metric}: {a} and {b} were measured on different units (e.g. {only}); "
+                         "a paired comparison needs the same held-out prompts")
+    order = sorted(by_method[a].index)
+    return by_method[a].loc[order].to_numpy(float), by_method[b].loc[order].to_numpy(float)
+
+
+def paired_test(values: tuple[np.ndarray, np.ndarray] | None, n_resamples: int, seed: int) -> Tested | None:
+    from udasa_lib.stats import paired_difference
+
+    if values is None:
+        return None
+    a, b = values
+    result = paired_difference(a, b, n_resamples=n_resamples, seed=seed)
+    return Tested(result["n"], result["mean"], result["low"], result["high"], result["p"], result["sd"], True,
+                  float(np.mean(a)), float(np.mean(b)))
+
+
+def decide(rows: list[dict], alpha: float, power: float, effects: Mapping[str, float],
+           directional: bool = True) -> list[dict]:
+    """Holm across the rows whose instrument is valid, then each row's verdict, MDE and n needed.
+    Each row: {"tested": Tested | None, "valid": bool, "higher_is_better": bool, "effect_key": str, ...}.
+    Adds "p (Holm)", "verdict", "MDE", "n needed"; the rest of the row is kept."""
+    from udasa_lib.stats import detectable_from_se, holm, minimum_detectable_effect, needed_n
+
+    family = [i for i, r in enumerate(rows) if r["tested"] is not None and r["valid"] and math.isfinite(r["tested"].p)]
+    adjusted = dict(zip(family, holm([rows[i]["tested"].p for i in family])))
+    level = alpha / max(1, len(family))  # Holm's first step: a difference this large is found in any case
+    out = []
+    for i, row in enumerate(rows):
+        tested, verdict, p_holm, mde, n_needed = row["tested"], NOT_RUN, float("nan"), float("nan"), None
+        if tested is not None:
+            if tested.paired:
+                mde = minimum_detectable_effect(tested.spread, tested.n, level, power)
+            else:
+                mde = detectable_from_se(tested.spread, level, power)
+            effect = effects.get(row["effect_key"])
+            if effect and tested.paired and math.isfinite(tested.spread) and tested.spread > 0:
+                n_needed = needed_n(tested.spread, effect, level, power)
+            elif effect and math.isfinite(mde) and mde > 0:  # se scales as 1 / sqrt(n)
+                n_needed = int(math.ceil(tested.n * (mde / effect) ** 2))
+            if not row["valid"]:
+                verdict = INSTRUMENT_NOT_VALID
+            elif i in adjusted:
+                p_holm = adjusted[i]
+                if p_holm < alpha:
+                    in_direction = (tested.mean > 0) == row["higher_is_better"]
+                    verdict = (SUPPORTED if in_direction else CONTRADICTED) if directional else \
+                        (HIGHER if tested.mean > 0 else LOWER)
+                else:
+                    verdict = NO_DIFFERENCE
+            else:
+                verdict = NO_DIFFERENCE
+        out.append({**row, "p (Holm)": p_holm, "verdict": verdict, "MDE": mde, "n needed": n_needed})
+    return out
+
+
+def _number(x: float, digits: int = 3) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _p_text(p: float) -> str:
+    return "-" if not math.isfinite(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def render(rows: list[dict], label: str = "claim") -> pd.DataFrame:
+    """The decided rows as the report's table: effect, paired interval, p, Holm p, verdict, MDE, n."""
+    table = []
+    for row in rows:
+        tested = row["tested"]
+        digits = 1 if row["effect_key"].endswith("win_rate") else 3
+        table.append({
+            **({"paper": row["paper"]} if "paper" in row else {}),
+            label: row["text"], "metric": row["metric_label"], "instrument": row["instrument"],
+            "n": tested.n if tested else "-",
+            "difference [95 % CI]": "-" if tested is None else
+            f"{tested.mean:+.{digits}f} [{tested.low:+.{digits}f}, {tested.high:+.{digits}f}]",
+            "p": _p_text(tested.p) if tested else "-", "p (Holm)": _p_text(row["p (Holm)"]),
+            "verdict": row["verdict"], "MDE": _number(row["MDE"], digits),
+            "n needed": row["n needed"] if row["n needed"] is not None else "-",
+        })
+    return pd.DataFrame(table)
+
+
+def claim_rows(units: pd.DataFrame, validity: Mapping[str, dict], judge: str, n_resamples: int,
+               seed: int, claims: Sequence[Claim] = CLAIMS) -> list[dict]:
+    """Undecided rows (see `decide`) of the papers' claims on this run's per-unit values."""
+    from udasa_lib.instruments import instrument_of
+
+    rows = []
+    for claim in claims:
+        instrument = instrument_of(claim.task, claim.metric, judge)
+        tested = paired_test(paired_values(units, claim.task, claim.metric, claim.better, claim.than), n_resamples, seed)
+        rows.append({"paper": claim.paper, "text": claim.text, "metric_label": f"{claim.task}/{claim.metric} "
+                     f"({claim.better} - {claim.than}, {'higher' if claim.higher_is_better else 'lower'} claimed)",
+                     "instrument": instrument.name, "valid": validity[instrument.name]["valid"], "tested": tested,
+                     "higher_is_better": claim.higher_is_better, "effect_key": claim.metric})
+    return rows
+
+
+def prelim_rows(prelim: Mapping[str, Any] | None, validity: Mapping[str, dict]) -> list[dict]:
+    """Undecided rows of the preliminary study's two claims, from 03_pairs's prelim.json."""
+    from udasa_lib.instruments import instrument_of
+
+    if not prelim:
+        return []
+    instrument = instrument_of("sentiment", "agreement")
+    valid = validity[instrument.name]["valid"]
+    rows = []
+    spearman = prelim.get("spearman_within_prompt")
+    if spearman:
+        tested = Tested(spearman["n"], spearman["mean"], spearman["low"], spearman["high"], spearman["p"],
+                        spearman["sd"], True)
+        rows.append({"paper": "UDASA", "text": "Self-estimated uncertainty is lower for better responses "
+                     "(mean within-prompt Spearman(u, reward) < 0)", "metric_label": "sentiment/prelim spearman (vs 0)",
+                     "instrument": instrument.name, "valid": valid, "tested": tested, "higher_is_better": False,
+                     "effect_key": "spearman"})
+    agreement = prelim.get("agreement_difference")
+    if agreement:
+        first, second = agreement["stages"]
+        tested = Tested(agreement["n"], agreement["mean"], agreement["low"], agreement["high"], agreement["p"],
+                        agreement["se"], False)
+        rows.append({"paper": "UDASA", "text": "Pairs with a larger uncertainty gap are more often right "
+                     f"(ground-truth agreement, {first} > {second})",
+                     "metric_label": f"sentiment/prelim agreement ({first} - {second}, independent pairs)",
+                     "instrument": instrument.name, "valid": valid, "tested": tested, "higher_is_better": True,
+                     "effect_key": "agreement"})
+    return rows
+
+
+def control_rows(units: pd.DataFrame, methods: Mapping[str, Sequence[str]], validity: Mapping[str, dict],
+                 judge: str, n_resamples: int, seed: int) -> list[dict]:
+    """Undecided rows of every trained method against base on CONTROL_METRICS (no claimed direction)."""
+    from udasa_lib.instruments import instrument_of
+
+    rows = []
+    for task, task_methods in methods.items():
+        for metric, higher_is_better in CONTROL_METRICS.get(task, ()):
+            instrument = instrument_of(task, metric, judge)
+            for method in task_methods:
+                tested = paired_test(paired_values(units, task, metric, method, "base"), n_resamples, seed)
+                if tested is None:
+                    continue
+                rows.append({"text": f"{method} vs base", "metric_label": f"{task}/{metric}",
+                             "instrument": instrument.name, "valid": validity[instrument.name]["valid"],
+                             "tested": tested, "higher_is_better": higher_is_better, "effect_key": metric})
+    return rows
+
+
+def pooled_units(unit_tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Per-unit values pooled over runs (seeds): each unit's mean over the runs that measured it.
+    The seeds share their prompts and evaluation seeds, so (prompt x seed) values of one prompt are
+    not independent; averaging them first keeps the prompt the unit of resampling, and the paired
+    difference of the means is the mean over seeds of the paired differences."""
+    if not unit_tables:
+        return pd.DataFrame(columns=["task", "method", "metric", "unit", "value"])
+    both = pd.concat(list(unit_tables), ignore_index=True)
+    return both.groupby(["task", "method", "metric", "unit"], sort=False, as_index=False)["value"].mean()
+
+
+def verdict_counts(rows: Sequence[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
+    return counts
 
 
 def silhouette_rows(ci_table: pd.DataFrame) -> pd.DataFrame:
@@ -97,34 +287,6 @@ def silhouette_rows(ci_table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"task": "alignment", "method": part["method"], "metric": "silhouette_token_last",
                          "value": part["silhouette"], "ci_low": part["ci_low"], "ci_high": part["ci_high"],
                          "n": part["n_responses"], "stage": "06_silhouette"})
-
-
-def _lookup(table: pd.DataFrame, task: str, metric: str, method: str) -> dict | None:
-    hit = table[(table.task == task) & (table.metric == metric) & (table.method == method)]
-    return None if hit.empty else hit.iloc[0].to_dict()
-
-
-def claims_table(table: pd.DataFrame, prelim: dict | None) -> pd.DataFrame:
-    rows = []
-    for claim in CLAIMS:
-        a, b = (_lookup(table, claim.task, claim.metric, m) for m in (claim.better, claim.than))
-        rows.append({"paper": claim.paper, "claim": claim.text, "metric": f"{claim.task}/{claim.metric}",
-                     "our number": f"{claim.better} {interval_text(a)} vs {claim.than} {interval_text(b)}",
-                     "verdict": compare(a, b, claim.higher_is_better)})
-    if prelim:
-        stages = {s["stage"]: {"metric": "agreement", "value": s["agreement"], "ci_low": s["ci_low"], "ci_high": s["ci_high"]}
-                  for s in prelim["agreement_by_stage"]}
-        rows.append({"paper": "UDASA", "claim": "Pairs with a larger uncertainty gap are more often right "
-                     "(ground-truth agreement, conservative > exploratory)", "metric": "sentiment/prelim agreement",
-                     "our number": f"conservative {interval_text(stages.get('conservative'))} vs exploratory "
-                                   f"{interval_text(stages.get('exploratory'))}",
-                     "verdict": compare(stages.get("conservative"), stages.get("exploratory"), True)})
-        spearman = prelim["spearman_u_vs_reward"]
-        row = {"metric": "spearman", "value": spearman["spearman"], "ci_low": spearman["ci_low"], "ci_high": spearman["ci_high"]}
-        rows.append({"paper": "UDASA", "claim": "Self-estimated uncertainty is lower for better responses "
-                     "(Spearman(u, ground-truth reward) < 0)", "metric": "sentiment/prelim spearman",
-                     "our number": interval_text(row), "verdict": sign_verdict(row, negative=True)})
-    return pd.DataFrame(rows)
 
 
 def inferred_choices_table(config: dict, path: Path = INFERRED_CHOICES_FILE) -> pd.DataFrame:
@@ -188,6 +350,7 @@ def cut_table(stage_summary: dict) -> pd.DataFrame:
 
 REPORT_FILE = "REPORT.md"
 CLAIMS_FILE = "claims.csv"
+CONTROLS_FILE = "controls.csv"
 TABLE_FILE = "results_table.csv"
 FIGURE_SOURCES = {  # figure -> the upstream stage that draws it
     "harmless.png": "05_eval_harmless", "winrate.png": "05_eval_winrate", "lmeval.png": "05_eval_lmeval",
@@ -196,27 +359,46 @@ FIGURE_SOURCES = {  # figure -> the upstream stage that draws it
 
 
 def write_report(run) -> dict:
-    """Stage 07_report: REPORT.md (claims with computed verdicts, the method x metric tables,
-    figures, the preliminary study, seeds and sweeps when they trained on this run's pairs, pairs
-    and cut responses, stage times, inferred choices, the resolved config), claims.csv and
-    results_table.csv; links results/<run>/report to this folder.
-    Returns {"path", "claims", "wide": {task: table}, "inferred", "times"}."""
+    """Stage 07_report: REPORT.md laid out as a results section (the claims with paired tests and
+    verdicts; the instruments and their validity; every method against base; the preliminary
+    study; seeds pooled when a seeds sweep trained on this run's pairs; then the method x metric
+    tables, figures, pairs, stage times, inferred choices and the resolved config), claims.csv,
+    controls.csv and results_table.csv; links results/<run>/report to this folder.
+    Returns {"path", "claims", "controls", "pooled", "wide": {task: table}, "inferred", "times", "validity"}."""
     import shutil
 
     from udasa_lib import metrics, pipeline, silhouette
+    from udasa_lib.instruments import read_validity
     from udasa_lib.pairs import SUMMARY_FILE
     from udasa_lib.prelim import PRELIM_FILE
     from udasa_lib.io import atomic_write_text
 
-    run_dir = run.run_dir
+    run_dir, cfg = run.run_dir, run.config
+    settings = cfg.report
     resolved = json.loads((run_dir / "config.json").read_text())
     silhouette_ci = pd.read_csv(run.upstream["06_silhouette"] / silhouette.CI_FILE)
     table = pd.concat([metrics.results_table(run_dir), silhouette_rows(silhouette_ci)], ignore_index=True)
+    units = metrics.unit_table(run_dir, UNIT_STAGES)
     prelim = json.loads((run.upstream["03_pairs"] / PRELIM_FILE).read_text())
     stage_summary = json.loads((run.upstream["03_pairs"] / SUMMARY_FILE).read_text())
-    methods = ["base", *dict.fromkeys(v.split("/")[1] for v in pipeline.variants(run.config, "04_train"))]
+    trained = {task: list(dict.fromkeys(v.split("/")[1] for v in pipeline.variants(cfg, "04_train")
+                                        if v.startswith(f"{task}/")))
+               for task in ("alignment", "sentiment")}
+    methods = ["base", *dict.fromkeys(m for ms in trained.values() for m in ms)]
     wide = {task: metrics.wide_table(table, task, methods) for task in ("alignment", "sentiment")}
-    claims = claims_table(table, prelim)
+    manifest_harmless = json.loads((run.upstream["05_eval_harmless"] / "manifest.json").read_text())
+    manifest_winrate = json.loads((run.upstream["05_eval_winrate"] / "manifest.json").read_text())
+    manifest_sentiment = json.loads((run.upstream["05_eval_sentiment"] / "manifest.json").read_text())
+    judge = manifest_winrate["extra"]["judge"]
+    validity = read_validity(run.upstream["00_data"], manifest_sentiment["extra"]["reward_model"], judge)
+
+    def decided(rows, directional=True):
+        return decide(rows, settings.alpha, settings.power, settings.effects, directional)
+
+    n_resamples, seed = cfg.bootstrap_samples, cfg.seed
+    claim_results = decided(claim_rows(units, validity, judge, n_resamples, seed) + prelim_rows(prelim, validity))
+    control_results = decided(control_rows(units, trained, validity, judge, n_resamples, seed), directional=False)
+    claims, controls = render(claim_results), render(control_results, label="comparison")
     inferred = inferred_choices_table(resolved["config"])
 
     figures_dir = run.dir / "figures"
@@ -238,50 +420,71 @@ def write_report(run) -> dict:
             figures.append("frontier.png")
             frontier_note = (f"from {frontier.parent}, made "
                              f"{pd.Timestamp(frontier.stat().st_mtime, unit='s'):%Y-%m-%d %H:%M} UTC")
-    seeds_summary = sweeps_root / "seeds" / "summary.csv"
-    spread = pd.DataFrame()
+    seeds_dir = sweeps_root / "seeds"
+    spread, pooled = pd.DataFrame(), pd.DataFrame()
     spread_note = "one seed; `make sweep SWEEP=configs/sweeps/seeds.yaml` trains and evaluates seeds 0-2 on these pairs"
-    if seeds_summary.exists():
-        spread_note = sweep_mismatch(seeds_summary.parent, pairs_dir)
+    if (seeds_dir / "summary.csv").exists():
+        spread_note = sweep_mismatch(seeds_dir, pairs_dir)
         if spread_note is None:
-            spread = seed_spread(pd.read_csv(seeds_summary))
-            spread_note = f"from {seeds_summary.parent} ({spread.seeds.max()} seeds)"
+            spread = seed_spread(pd.read_csv(seeds_dir / "summary.csv"))
+            points = json.loads((seeds_dir / "points.json").read_text())
+            pooled_table = pooled_units([metrics.unit_table(Path(p["run_dir"]), UNIT_STAGES) for p in points])
+            pooled = render(decided(claim_rows(pooled_table, validity, judge, n_resamples, seed)))
+            spread_note = f"from {seeds_dir} ({len(points)} seeds)"
     times = stage_times(run_dir)
     sizes = pd.DataFrame([{"pair set": name, "pairs": s["pairs"], **s["stage_sizes"]} for name, s in stage_summary.items()])
     agreement = pd.DataFrame(prelim["agreement_by_stage"])
     spearman = pd.DataFrame({"combined u": prelim["spearman_u_vs_reward"], **prelim["spearman_by_dimension"]}).T
-
-    manifest_harmless = json.loads((run.upstream["05_eval_harmless"] / "manifest.json").read_text())
-    manifest_winrate = json.loads((run.upstream["05_eval_winrate"] / "manifest.json").read_text())
-    probe = manifest_harmless["extra"]["harm_probe"]
-    judge = manifest_winrate["extra"]["judge"]
-    counts = claims.verdict.value_counts().to_dict()
+    validity_table = pd.DataFrame([{k: v for k, v in record.items()} for record in validity.values()])
+    counts = verdict_counts(claim_results)
+    family = sum(math.isfinite(r["p (Holm)"]) for r in claim_results)
     lines = [
         f"# UDASA / UAL replication report: run `{run.run_id}`", "",
         f"Config `{resolved['config_file']}` with overrides `{json.dumps(resolved['overrides'])}`; policy model "
         f"`{resolved['config']['model']['name_or_path']}`; git commit `{manifest_harmless['git']['commit']}`"
         f"{' (dirty tree)' if manifest_harmless['git']['dirty'] else ''}; seed {resolved['config']['seed']}. "
         f"Sum of stage wall times: {times.wall_time_s.sum() / 60:.1f} min.", "",
-        "Verdicts: " + ", ".join(f"{v}: {n}" for v, n in counts.items()) + ". A verdict is `supported` only when the two "
-        "95 % intervals are disjoint in the claimed direction; with the CPU default's few dozen prompts per metric most "
-        "differences are inside the noise, which is a result, not a failure.", "",
-        "## What the papers claim vs what this run shows", "", markdown(claims),
-        "## Results", "",
-        f"Harm probe (alignment harm scorer) held-out accuracy {probe['accuracy']:.3f}, balanced "
-        f"{probe['balanced_accuracy']:.3f}, ROC AUC {probe['roc_auc']:.3f}; it is also the alignment task's value scorer, "
-        f"so compliance rates can flatter methods trained on its preferences: read them beside the refusal rates. "
-        f"Win-rate judge: `{judge}`"
-        f"{' (the base model itself: a weak, position-biased judge; see judge_first_listed_rate)' if judge == resolved['config']['model']['name_or_path'] else ''}.",
-        "",
+        "## Results: the papers' claims, tested", "",
+        "Verdicts: " + ", ".join(f"{v}: {n}" for v, n in counts.items()) + ". Each claim compares two policies on the "
+        "same held-out units (prompts, questions or responses; sampled evaluations draw sample j of prompt i with the "
+        "same seed under every policy): `difference` is the mean per-unit difference (first method minus second) with "
+        "its 95 % paired bootstrap interval, `p` a two-sided paired permutation (sign-flip) p-value, `p (Holm)` "
+        f"Holm's correction over the {family} claims whose instrument is valid, at family-wise alpha = "
+        f"{settings.alpha}. `no difference detected` is not `no difference`: `MDE` is the smallest true difference "
+        f"this run would have detected with {settings.power:.0%} power (at alpha / {max(family, 1)}, Holm's strictest "
+        "step), and `n needed` the units a paired test needs for the effect of interest of its metric "
+        f"({', '.join(f'{k} {v:g}' for k, v in settings.effects.items())}). A claim measured by an instrument whose "
+        "validity is not on record reads `instrument not valid` and takes no part in the correction.", "",
+        markdown(claims),
+    ]
+    if not pooled.empty:
+        lines += ["### Pooled over training seeds", "",
+                  f"The same claims over the seeds sweep ({spread_note}): each unit's value is its mean over seeds "
+                  "(the seeds share prompts and evaluation draws, so the prompt stays the unit).", "", markdown(pooled)]
+    lines += [
+        "## Instruments", "",
+        "What measured each metric, and its agreement with human or ground-truth labels (`udasa_lib/instruments.py`). "
+        "The harm probe is also the alignment task's value scorer, so compliance rates can flatter methods trained "
+        "on its preferences: read them beside the refusal rates.", "", markdown(validity_table),
+        "## Controls: every trained method against base", "",
+        "The same paired machinery, one Holm family; `higher` / `lower` say which way the method moved from base "
+        "(no direction is claimed). A method that does not differ from base cannot differ from another for the "
+        "reason the papers give.", "", markdown(controls),
+        "## Preliminary study (does self-estimated uncertainty track the ground-truth sentiment reward?)", "",
+        "Its two claims are tested in the table above; the per-stage agreement and the pooled Spearman "
+        "correlations (95 % cluster-bootstrap intervals over prompts) are:", "",
+        markdown(agreement), "", markdown(spearman.reset_index(names="dimension")),
+        "## Seeds", "", f"Spread over training seeds (`train.seed`; sampling, pairs and the evaluation seed are "
+        f"shared): {spread_note}.", "", markdown(spread),
+        "## Details: every policy and metric", "",
+        "Per-policy values with 95 % bootstrap intervals over units (win rates in %). The silhouette row is the "
+        "token-weighted score with a cluster-bootstrap interval over responses; its claims above pair per-response "
+        "means.", "",
     ]
     for task, frame in wide.items():
         lines += [f"### {task}", "", markdown(frame, index=True)]
     lines += ["## Figures", ""] + [f"![{name}](figures/{name})" for name in figures] + [
         "", f"Beta-sweep frontier: {frontier_note}.", "",
-        "## Preliminary study (does self-estimated uncertainty track the ground-truth sentiment reward?)", "",
-        markdown(agreement), "", markdown(spearman.reset_index(names="dimension")),
-        "## Seeds", "", f"Spread over training seeds (`train.seed`; sampling, pairs and the evaluation seed are "
-        f"shared): {spread_note}.", "", markdown(spread),
         "## Pairs and stages", "", markdown(sizes),
         "Responses cut at max_new_tokens (trained without an EOS):", "", markdown(cut_table(stage_summary)),
         "## Stage wall times (this machine)", "", markdown(times),
@@ -289,8 +492,10 @@ def write_report(run) -> dict:
         "## Resolved config", "", "```yaml", yaml.safe_dump(resolved["config"], sort_keys=False).rstrip(), "```", ""]
     report_path = atomic_write_text(run.dir / REPORT_FILE, "\n".join(lines))
     atomic_write_text(run.dir / CLAIMS_FILE, claims.to_csv(index=False))
+    atomic_write_text(run.dir / CONTROLS_FILE, controls.to_csv(index=False))
     atomic_write_text(run.dir / TABLE_FILE, table.to_csv(index=False))
     pipeline.link(run_dir / "report", run.dir)
     run.add_to_manifest(verdicts=counts, figures=figures)
-    return {"path": run_dir / "report" / REPORT_FILE, "claims": claims, "wide": wide, "inferred": inferred,
-            "times": times, "report_path": report_path}
+    return {"path": run_dir / "report" / REPORT_FILE, "claims": claims, "controls": controls, "pooled": pooled,
+            "wide": wide, "inferred": inferred, "times": times, "validity": validity_table,
+            "report_path": report_path}

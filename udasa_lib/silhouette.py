@@ -229,11 +229,13 @@ def plot_projection_pair(proj_a: np.ndarray, labels_a: np.ndarray, title_a: str,
 
 
 def last_layer_ci(points: np.ndarray, labels: np.ndarray, examples: np.ndarray, max_points: int = 2000,
-                  n_boot: int = 50, seed: int = 0) -> tuple[float, float, float]:
-    """(silhouette, low, high) of one layer: the mean of per-token silhouettes on a deterministic
-    subsample, with a 95 % cluster-bootstrap interval over responses (`examples`), since tokens of
-    one response are dependent. Resampling tokens into the clustering itself would duplicate points
-    at distance 0 and inflate the score, so the per-token values are computed once and resampled."""
+                  n_boot: int = 50, seed: int = 0) -> tuple[float, float, float, dict[int, float]]:
+    """(silhouette, low, high, per response) of one layer: the mean of per-token silhouettes on a
+    deterministic subsample, with a 95 % cluster-bootstrap interval over responses (`examples`),
+    since tokens of one response are dependent, and each response's mean silhouette {example: value}
+    (the units 07_report pairs across policies: the subsample depends on the labels only, and every
+    policy reads the same token ids). Resampling tokens into the clustering itself would duplicate
+    points at distance 0 and inflate the score, so the per-token values are computed once and resampled."""
     from sklearn.metrics import silhouette_samples
 
     rows = token_subsample(labels, max_points, seed).indices  # the tokens silhouette_by_layer scores
@@ -241,18 +243,20 @@ def last_layer_ci(points: np.ndarray, labels: np.ndarray, examples: np.ndarray, 
     per_token = silhouette_samples(points[rows], labels[rows], metric="cosine")
     groups, group_of = np.unique(examples[rows], return_inverse=True)
     sums, sizes = np.bincount(group_of, weights=per_token), np.bincount(group_of)
+    per_response = {int(g): float(total / size) for g, total, size in zip(groups, sums, sizes)}
     if n_boot < 1:
-        return float(per_token.mean()), float("nan"), float("nan")
+        return float(per_token.mean()), float("nan"), float("nan"), per_response
     index = rng.integers(0, len(groups), size=(n_boot, len(groups)))
     means = sums[index].sum(axis=1) / sizes[index].sum(axis=1)
     low, high = np.quantile(means, [0.025, 0.975])
-    return float(per_token.mean()), float(low), float(high)
+    return float(per_token.mean()), float(low), float(high), per_response
 
 
 # --- the stage --------------------------------------------------------------------------------
 
 CURVES_FILE = "silhouette.csv"
 CI_FILE = "silhouette_ci.csv"
+UNIT_METRIC = "silhouette_token_last"  # per-response mean of the last layer's token silhouettes
 LAYERS_FIGURE = "silhouette_layers.png"
 PROJECTION_FIGURE = "projection.png"
 
@@ -267,6 +271,7 @@ def run_silhouette(run) -> dict:
 
     from udasa_lib.eval_harmless import GENERATIONS_DIR
     from udasa_lib.io import atomic_write_text, read_jsonl
+    from udasa_lib.metrics import UNITS_FILE, write_units
     from udasa_lib.models import configure_threads, load_causal_lm
     from udasa_lib.policies import BASE, PolicySet, policy_adapters
 
@@ -282,7 +287,7 @@ def run_silhouette(run) -> dict:
     policies = PolicySet(model, adapters)
     prompts, responses = [r["prompt_token_ids"] for r in records], [content_ids(r) for r in records]
     categories = [r["category"] or r["split"] for r in records]
-    curves, last_layers, ci_rows, notes = [], {}, [], []
+    curves, last_layers, ci_rows, notes, unit_rows = [], {}, [], [], []
     for name in policies.names:
         with policies.use(name) as policy:
             states = response_hidden_states(policy, tokenizer, prompts, responses)
@@ -298,8 +303,13 @@ def run_silhouette(run) -> dict:
                 scores = np.full(len(hidden), np.nan)
             curves += [{"method": name, "view": view, "layer": layer, "silhouette": float(s)}
                        for layer, s in enumerate(scores)]
-            mean, low, high = (last_layer_ci(hidden[-1], labels, examples, params.max_points, params.bootstrap,
-                                             cfg.seed) if np.isfinite(scores[-1]) else (np.nan,) * 3)
+            mean, low, high, per_response = (last_layer_ci(hidden[-1], labels, examples, params.max_points,
+                                                           params.bootstrap, cfg.seed)
+                                             if np.isfinite(scores[-1]) else (np.nan, np.nan, np.nan, {}))
+            if view == "token" and per_response:
+                unit_rows.append({"task": "alignment", "method": name, "metric": UNIT_METRIC,
+                                  "units": [records[e]["id"] for e in per_response],
+                                  "unit_values": list(per_response.values())})
             ci_rows.append({"method": name, "view": view, "layer": len(scores) - 1, "silhouette": float(mean),
                             "ci_low": float(low), "ci_high": float(high), "n_responses": len(records),
                             "n_tokens": int(len(labels)),
@@ -309,6 +319,7 @@ def run_silhouette(run) -> dict:
     curves, ci_table = pd.DataFrame(curves), pd.DataFrame(ci_rows)
     atomic_write_text(run.dir / CURVES_FILE, curves.to_csv(index=False))
     atomic_write_text(run.dir / CI_FILE, ci_table.to_csv(index=False))
+    write_units(run.dir / UNITS_FILE, unit_rows)
     plot_layer_curves(curves, run.dir / LAYERS_FIGURE)
     (name_a, (hidden_a, labels_a)), (name_b, (hidden_b, labels_b)) = [(n, last_layers[n]) for n in params.compare]
     names = {int(t): tokenizer.decode([int(t)]) for t in np.unique(np.concatenate([labels_a, labels_b]))}

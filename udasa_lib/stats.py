@@ -88,6 +88,38 @@ def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.n
             "p": float(test.pvalue), "sd": float(d.std(ddof=1))}
 
 
+def independent_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
+                           n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict:
+    """mean(a) - mean(b) for two independent samples (shapes [n_a], [n_b]: different units, e.g.
+    the pairs of two stages) with a percentile bootstrap interval (scipy.stats.bootstrap, each
+    sample resampled alone) and a two-sided permutation p-value (scipy.stats.permutation_test,
+    permutation_type="independent": under H0 the group labels are exchangeable).
+    Returns {"n", "mean", "low", "high", "p", "se"} with n = n_a + n_b and se the unpooled
+    standard error sqrt(var_a / n_a + var_b / n_b); NaNs when either sample has fewer than 2 values."""
+    from scipy import stats as scipy_stats
+
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    nan = float("nan")
+    if a.size < 2 or b.size < 2:
+        return {"n": int(a.size + b.size), "mean": nan, "low": nan, "high": nan, "p": nan, "se": nan}
+
+    def difference(x, y, axis=-1):
+        return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+
+    rng = np.random.default_rng(seed)
+    se = float(np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size))
+    if se == 0:
+        mean = float(a.mean() - b.mean())
+        return {"n": int(a.size + b.size), "mean": mean, "low": mean, "high": mean, "p": 1.0 if mean == 0 else nan,
+                "se": 0.0}
+    interval = scipy_stats.bootstrap((a, b), difference, n_resamples=n_resamples, confidence_level=confidence,
+                                     method="percentile", random_state=rng).confidence_interval
+    test = scipy_stats.permutation_test((a, b), difference, permutation_type="independent", n_resamples=n_resamples,
+                                        alternative="two-sided", random_state=rng, vectorized=True)
+    return {"n": int(a.size + b.size), "mean": float(difference(a, b)), "low": float(interval.low),
+            "high": float(interval.high), "p": float(test.pvalue), "se": se}
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjusted p-values (Holm 1979), in the input order; NaNs stay NaN and do not
     count as tests: p_(i) -> max over j <= i of min(1, (m - j + 1) p_(j)) for the sorted p's."""
@@ -102,20 +134,35 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return out.tolist()
 
 
-def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Smallest true mean difference a two-sided level-alpha paired test detects with probability
-    `power`, normal approximation: (z_{1-alpha/2} + z_{power}) * sd / sqrt(n). NaN for n < 2."""
+def _z_sum(alpha: float, power: float) -> float:
     from scipy.stats import norm
 
-    if n < 2 or not np.isfinite(sd):
+    if not (0 < alpha < 1 and 0 < power < 1):
+        raise ValueError(f"alpha and power must lie in (0, 1), got alpha={alpha}, power={power}")
+    return float(norm.ppf(1 - alpha / 2) + norm.ppf(power))
+
+
+def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest true mean difference a two-sided level-alpha paired test detects with probability
+    `power`, normal approximation: (z_{1-alpha/2} + z_{power}) * sd / sqrt(n), sd the standard
+    deviation of the per-unit differences. NaN for n < 2, a non-finite sd, or sd = 0 (no spread
+    observed: the plug-in power calculation has nothing to go on)."""
+    if n < 2 or not np.isfinite(sd) or sd <= 0:
         return float("nan")
-    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * sd / np.sqrt(n))
+    return _z_sum(alpha, power) * float(sd) / float(np.sqrt(n))
+
+
+def detectable_from_se(se: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The same bound from a standard error directly ((z_{1-alpha/2} + z_{power}) * se), for
+    statistics that are not a paired mean (two independent samples). NaN when se is not > 0."""
+    if not np.isfinite(se) or se <= 0:
+        return float("nan")
+    return _z_sum(alpha, power) * float(se)
 
 
 def needed_n(sd: float, effect: float, alpha: float = 0.05, power: float = 0.8) -> int:
-    """Prompts a paired test needs to detect `effect` with `power` (inverse of minimum_detectable_effect)."""
-    from scipy.stats import norm
-
+    """Units a paired test needs to detect `effect` with `power` (inverse of minimum_detectable_effect).
+    Raises ValueError unless effect > 0 and sd is finite."""
     if effect <= 0 or not np.isfinite(sd):
         raise ValueError(f"effect must be > 0 and sd finite, got effect={effect}, sd={sd}")
-    return int(np.ceil(((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * sd / effect) ** 2 - 1e-9))
+    return int(np.ceil((_z_sum(alpha, power) * sd / effect) ** 2 - 1e-9))
