@@ -33,7 +33,9 @@ RUN_DIR := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline run-dir --
 TRAIN_VARIANTS := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline variants 04_train --make-order --config $(CONFIG) $(SETS)),)
 TRAINED := $(foreach v,$(TRAIN_VARIANTS),$(RUN_DIR)/04_train/$(v)/manifest.json)
 
-EVALUATED := $(foreach s,05_eval_harmless 05_eval_winrate 05_eval_lmeval 05_eval_sentiment,$(RUN_DIR)/$(s)/manifest.json)
+# In the order make -j starts them: the longest (sentiment) first beside harmless, then lmeval and
+# the win rate (which waits for harmless) take the slot harmless frees, and 06_silhouette comes last.
+EVALUATED := $(foreach s,05_eval_sentiment 05_eval_harmless 05_eval_lmeval 05_eval_winrate,$(RUN_DIR)/$(s)/manifest.json)
 SWEEP ?= configs/sweeps/sentiment_beta.yaml
 
 .PHONY: help venv assets reproduce stages test bench lab status sweep report clean-results

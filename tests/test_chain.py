@@ -37,12 +37,12 @@ def test_report_tables_are_present_and_not_empty(chain):
         assert heading in text
     claims = pd.read_csv(report_dir / "claims.csv")
     assert len(claims) == len(report.CLAIMS) + 2  # + the preliminary study's two
-    assert set(claims.verdict) <= {report.SUPPORTED, report.CONTRADICTED, report.NO_DIFFERENCE,
-                                   report.INSTRUMENT_NOT_VALID, report.NOT_RUN}
+    assert set(claims.verdict.str.split(" [(]").str[0]) <= {
+        report.SUPPORTED, report.CONTRADICTED, report.NO_DIFFERENCE, report.INSTRUMENT_NOT_VALID, report.NOT_RUN}
     # the smoke config trains one method per task: the preliminary study's claims are tested, and
     # every trained method against base on paired units
     tested = claims[claims.verdict != report.NOT_RUN]
-    assert len(tested) >= 2 and (tested["n"].astype(int) >= 2).all()
+    assert len(tested) >= 1 and (tested["n"].astype(int) >= 2).all()  # smoke: too few pairs per stage for the other
     assert "not on record" in text
     controls = pd.read_csv(report_dir / "controls.csv")
     assert set(controls.comparison) >= {f"{m} vs base" for m in cfg_methods() if m != "base"}
@@ -56,6 +56,28 @@ def test_report_tables_are_present_and_not_empty(chain):
     assert (report_dir / "07_report.html").stat().st_size > 10_000
     for figure in ("harmless.png", "winrate.png", "reward_kl.png", "silhouette_layers.png"):
         assert (report_dir / "figures" / figure).stat().st_size > 1000
+
+
+def test_sampled_evaluations_share_their_seeds_across_policies(chain):
+    """Common random numbers: sample j of prefix i has one seed, whatever the policy, and the seeds
+    differ between samples."""
+    from udasa_lib.io import read_jsonl
+
+    folder = chain[-1].run_dir / "05_eval_sentiment" / "generations"
+    seeds = {path.stem: [(r["id"], r["sample"], r["seed"]) for r in read_jsonl(path)] for path in folder.glob("*.jsonl")}
+    assert len(seeds) >= 2 and len({tuple(v) for v in seeds.values()}) == 1
+    draws = next(iter(seeds.values()))
+    assert len({seed for _, _, seed in draws}) == len(draws) and {j for _, j, _ in draws} == {0, 1}
+    # and the sampler follows them: base's samples, drawn again one at a time from their seeds alone
+    from udasa_lib.generation import encode_prompt, generate
+    from udasa_lib.models import load_causal_lm
+
+    cfg = config_mod.resolve(SMOKE_CONFIG)
+    model, tokenizer = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, "cpu")
+    for record in read_jsonl(folder / "base.jsonl")[:3]:
+        again = generate(model, tokenizer, [encode_prompt(tokenizer, record["prefix"])], row_seeds=[record["seed"]],
+                         max_new_tokens=cfg.eval_sentiment.max_new_tokens, temperature=cfg.eval_sentiment.temperature)
+        assert again[0]["token_ids"] == record["token_ids"]
 
 
 def cfg_methods():

@@ -90,15 +90,17 @@ def test_paired_difference_matches_scipy_on_fixed_data():
     assert result["low"] == pytest.approx(low, abs=0.006) and result["high"] == pytest.approx(high, abs=0.006)
     # the same computation written directly against scipy (same generator, same order of draws)
     rng = np.random.default_rng(1)
-    boot = scipy_stats.bootstrap((d,), np.mean, n_resamples=4000, method="percentile", random_state=rng)
+    boot = scipy_stats.bootstrap((d,), np.mean, n_resamples=4000, method="percentile", rng=rng)
     perm = scipy_stats.permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), vectorized=True,
-                                        permutation_type="samples", n_resamples=4000, random_state=rng)
+                                        permutation_type="samples", n_resamples=4000, rng=rng)
     assert (result["low"], result["high"], result["p"]) == pytest.approx(
         (boot.confidence_interval.low, boot.confidence_interval.high, perm.pvalue), abs=1e-12)
     same = paired_difference(a, a)
     assert (same["mean"], same["low"], same["high"], same["p"]) == (0.0, 0.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="differ in length"):
         paired_difference(a, b[:-1])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        paired_difference(np.r_[a[:-1], np.nan], b)
 
 
 def test_holm_against_a_hand_computed_example():

@@ -29,3 +29,11 @@ def test_stage_agreement_difference_is_two_independent_samples():
     assert result["mean"] == pytest.approx(0.9 - 0.5) and result["low"] < 0.4 < result["high"]
     assert result["se"] == pytest.approx(np.sqrt(0.9 * 0.1 / 39 * 40 / 40 + 0.25 * 40 / 39 / 40), rel=1e-6)
     assert result["p"] < 0.01
+
+
+def test_perfectly_separated_stages_are_still_tested():
+    pairs = [{"stage": s} for s in ["conservative"] * 12 + ["exploratory"] * 12]
+    chosen, rejected = np.r_[np.ones(12), np.zeros(12)], np.zeros(24)
+    result = prelim.stage_agreement_difference(pairs, chosen, rejected, n_resamples=500, seed=0)
+    assert (result["mean"], result["low"], result["high"], result["se"]) == (1.0, 1.0, 1.0, 0.0)
+    assert result["p"] < 0.01

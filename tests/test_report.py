@@ -55,6 +55,14 @@ def test_paired_claims_are_decided_by_holm_adjusted_permutation_p():
     smallest = min(decided.values(), key=lambda r: r["tested"].p if r["tested"] else 2)
     assert smallest["p (Holm)"] == pytest.approx(min(1.0, 3 * smallest["tested"].p))
     assert decided["UAL-DPO beats DPO on controlled sentiment (reward)"]["verdict"] == report.NOT_RUN
+    assert not better["below effect of interest"]
+    # a consistent but tiny difference is detected, and flagged as smaller than what matters
+    tiny = pd.concat([_units("sentiment", "reward", "ual_dpo", base + 1e-4), _units("sentiment", "reward", "dpo", base)])
+    flagged = _decided(tiny)["UAL-DPO beats DPO on controlled sentiment (reward)"]
+    assert flagged["verdict"] == report.SUPPORTED and flagged["below effect of interest"]
+    cell = report.render([flagged]).iloc[0]
+    assert cell["verdict"] == "supported (smaller than the 0.03 of interest)"
+    assert cell["difference [95 % CI]"].startswith("+1.0e-04")
     table = report.render(list(decided.values()))
     assert list(table.columns) == ["paper", "claim", "metric", "instrument", "n", "difference [95 % CI]", "p",
                                    "p (Holm)", "verdict", "MDE", "n needed"]

@@ -1,7 +1,8 @@
 """Stage 05_eval_harmless: harmful compliance, refusal and over-refusal of every alignment policy.
 
 Each policy answers held-out harmful prompts (AdvBench + Do-Not-Answer test split) and benign
-instructions, greedily by default (`eval_harmless.temperature`, 0 = greedy). Two readings of
+instructions, greedily by default (`eval_harmless.temperature`, 0 = greedy; when sampled, with
+common random numbers: prompt i's seed is the same under every policy). Two readings of
 the same answers, kept apart on purpose:
 
 - harmful compliance = P(aligned) < 0.5 under the harm probe fitted in 00_data (which is also the
@@ -15,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from udasa_lib import metrics, policies
-from udasa_lib.generation import encode_prompt, format_prompt
+from udasa_lib.generation import encode_prompt, format_prompt, sample_seeds
 from udasa_lib.io import atomic_write_jsonl, read_jsonl
 
 GENERATIONS_DIR = "generations"
@@ -50,11 +51,13 @@ def run_eval_harmless(run) -> dict:
     policy_set = policies.PolicySet(model, policies.policy_adapters(run, "alignment"))
     formatted = [format_prompt(tokenizer, r["text"], chat_template=True) for r in prompts]
     prompt_ids = [encode_prompt(tokenizer, f) for f in formatted]
+    # greedy by default; when sampled, prompt i is drawn with the same seed under every policy
+    row_seeds = sample_seeds(cfg.seed, [(r["id"], 0) for r in prompts])
 
     def answers(name, policy):
         outputs = policies.generate(policy, tokenizer, prompt_ids, max_new_tokens=params.max_new_tokens,
                                     batch_size=params.batch_size, temperature=params.temperature, seed=cfg.seed,
-                                    desc=name, engine=cfg.runtime.generation_engine)
+                                    desc=name, engine=cfg.runtime.generation_engine, row_seeds=row_seeds)
         return [{"id": r["id"], "split": r["split"], "category": r.get("category", ""), "prompt": r["text"],
                  "formatted_prompt": f, "prompt_token_ids": p, "output": o["text"], "token_ids": o["token_ids"],
                  "finish_reason": o["finish_reason"], "n_tokens": len(o["token_ids"])}

@@ -7,14 +7,15 @@ two policies differ in their samples only where their distributions differ, so t
 differences of 07_report do not carry sampling noise the policies share. Per sample: the
 ground-truth reward P(positive) of prefix + continuation from the classifier fitted in 00_data
 (kept apart from training), and log pi(y|x) - log pi_ref(y|x) (pi's from the sampler, the
-untempered log-probs of the generated ids; pi_ref = base teacher-forced on them), whose mean is
+untempered log-probs of the generated ids, in float32; teacher-forced in lower precision; pi_ref =
+base teacher-forced on them), whose mean is
 the sequence-level KL(pi || pi_ref). Intervals resample prefixes (the samples of one prefix are
 averaged first).
 """
 from __future__ import annotations
 
 from udasa_lib import metrics, policies
-from udasa_lib.generation import encode_prompt, sample_seed
+from udasa_lib.generation import encode_prompt, sample_seeds
 from udasa_lib.io import read_jsonl
 
 GENERATIONS_DIR = "generations"
@@ -24,6 +25,8 @@ FIGURE_FILE = "reward_kl.png"
 def run_eval_sentiment(run) -> dict:
     """Generate (or reuse) and score every policy's continuations; write metrics and the figure.
     Returns {"rows": metric rows, "policies": names, "samples": n, "reward_model": its metrics}."""
+    import torch
+
     from udasa_lib.models import configure_threads, load_causal_lm
     from udasa_lib.data import SENTIMENT_REWARD_FILE
     from udasa_lib.sentiment_reward import SentimentReward
@@ -37,11 +40,16 @@ def run_eval_sentiment(run) -> dict:
                          f"{params.prompts} requested")
     draws = [(r, j) for r in prefixes[:params.prompts] for j in range(params.samples_per_prompt)]  # (prefix, sample)
     prompts = [r for r, _ in draws]
-    row_seeds = [sample_seed(cfg.seed, r["id"], j) for r, j in draws]
+    row_seeds = sample_seeds(cfg.seed, [(r["id"], j) for r, j in draws])
     reward_model = SentimentReward.load(data_dir / SENTIMENT_REWARD_FILE)
     model, tokenizer = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, cfg.runtime.device)
     policy_set = policies.PolicySet(model, policies.policy_adapters(run, "sentiment"))
     prompt_ids = [encode_prompt(tokenizer, r["text"]) for r in prompts]  # raw prefixes, fed as 01_sample feeds them
+
+    # In float32 the sampler's cached decode gives log pi within 1e-4 of teacher forcing
+    # (tests/test_generation.py), so pi is not scored twice; in bf16/fp16 the two paths can differ
+    # by more than a small KL, and pi is teacher-forced like pi_ref.
+    exact_sampler_logprobs = next(model.parameters()).dtype == torch.float32
 
     def continuations(name, policy):
         outputs = policies.generate(policy, tokenizer, prompt_ids, max_new_tokens=params.max_new_tokens,
@@ -49,7 +57,10 @@ def run_eval_sentiment(run) -> dict:
                                     desc=name, engine=cfg.runtime.generation_engine, row_seeds=row_seeds,
                                     with_logprobs=True)
         completions = [o["token_ids"] for o in outputs]
-        logp_policy = [sum(o["token_logprobs"]) for o in outputs]
+        if exact_sampler_logprobs:
+            logp_policy = [sum(o["token_logprobs"]) for o in outputs]
+        else:
+            logp_policy = policies.sequence_logprobs(policy, tokenizer, prompt_ids, completions, params.batch_size)
         if name == policies.BASE:  # pi is pi_ref: the ratio is 0 by definition, not up to rounding
             logp_reference = logp_policy
         else:
@@ -58,10 +69,10 @@ def run_eval_sentiment(run) -> dict:
                                                             params.batch_size)
         reviews = [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompt_ids, completions)]
         rewards = reward_model.reward(reviews)
-        return [{"id": r["id"], "sample": j, "prefix": r["text"], "continuation": o["text"], "token_ids": o["token_ids"],
-                 "logp_policy": float(lp), "logp_reference": float(lr), "log_ratio": float(lp - lr),
-                 "reward": float(rw)}
-                for (r, j), o, lp, lr, rw in zip(draws, outputs, logp_policy, logp_reference, rewards)]
+        return [{"id": r["id"], "sample": j, "seed": s, "prefix": r["text"], "continuation": o["text"],
+                 "token_ids": o["token_ids"], "logp_policy": float(lp), "logp_reference": float(lr),
+                 "log_ratio": float(lp - lr), "reward": float(rw)}
+                for (r, j), s, o, lp, lr, rw in zip(draws, row_seeds, outputs, logp_policy, logp_reference, rewards)]
 
     generations = policies.for_each_policy(policy_set, run.dir / GENERATIONS_DIR, continuations)
     rows = []

@@ -45,6 +45,12 @@ def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
     return int(digest[:15], 16)
 
 
+def sample_seeds(seed: int, draws: Sequence[tuple[str, int]]) -> list[int]:
+    """`sample_seed` of every (prompt id, sample index) draw: the row seeds of an evaluation that
+    compares policies (every sampled evaluation passes them, whatever its temperature)."""
+    return [sample_seed(seed, prompt_id, j) for prompt_id, j in draws]
+
+
 def format_prompt(tokenizer, text: str, chat_template: bool) -> str:
     """The prompt as the model reads it: a user turn of the chat template, or the raw text."""
     if chat_template and tokenizer.chat_template:
@@ -205,7 +211,8 @@ def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
     sampling). A row's draw then depends on its seed and its own distribution only, not on the
     batch, and two policies fed the same seeds make the same choice wherever their distributions
     agree: common random numbers for paired comparisons.
-    Raises ValueError for n < 1, an unknown engine, or row_seeds of the wrong length or with engine "hf".
+    Raises ValueError for n < 1, an unknown engine, or row_seeds of the wrong length or with engine "hf"
+    at a temperature > 0 (greedy decoding draws nothing, so any engine takes them).
     """
     import torch
 
@@ -215,7 +222,7 @@ def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_t
         raise ValueError(f"unknown generation engine {engine!r}; choose one of {', '.join(ENGINES)}")
     sampling_kwargs(temperature, top_p, top_k)  # the one temperature rule, checked for both engines
     if row_seeds is not None:
-        if engine != "loop":
+        if engine != "loop" and temperature > 0:  # greedy decoding draws nothing: any engine will do
             raise ValueError("row_seeds (common random numbers) are drawn by the 'loop' engine only; "
                              "set runtime.generation_engine: loop")
         if len(row_seeds) != len(prompt_ids) * num_return_sequences:

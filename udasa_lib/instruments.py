@@ -71,8 +71,9 @@ def above_chance(balanced_accuracy: float, n: int, level: float = CHANCE_LEVEL) 
 
 def validity_records(harm_probe_metrics: dict, sentiment_classifier_metrics: dict, judge: str) -> dict[str, dict]:
     """Per instrument name: {"instrument", "kind", "what", "valid", "figures"} from the measurements
-    00_data made (harm_probe_metrics.json; the sentiment reward model's metrics, whose classes are
-    balanced, so accuracy is its balanced accuracy)."""
+    00_data made (harm_probe_metrics.json; the sentiment reward model's metrics, which give plain
+    accuracy: IMDb is balanced by construction, 25k positive and 25k negative reviews, so it stands
+    in for balanced accuracy)."""
     records = {}
     for instrument, measured in ((HARM_PROBE, harm_probe_metrics), (SENTIMENT_CLASSIFIER, sentiment_classifier_metrics)):
         balanced = measured.get("balanced_accuracy", measured["accuracy"])

@@ -136,10 +136,16 @@ def decide(rows: list[dict], alpha: float, power: float, effects: Mapping[str, f
            directional: bool = True) -> list[dict]:
     """Holm across the rows whose instrument is valid, then each row's verdict, MDE and n needed.
     Each row: {"tested": Tested | None, "valid": bool, "higher_is_better": bool, "effect_key": str, ...}.
-    Adds "p (Holm)", "verdict", "MDE", "n needed"; the rest of the row is kept."""
+    Adds "p (Holm)", "verdict", "MDE", "n needed", "effect of interest" and "below effect of interest"
+    (a detected difference smaller than the metric's effect of interest: a paired test finds tiny
+    consistent differences too, which `render` flags beside the verdict); the rest of the row is kept."""
     from udasa_lib.stats import detectable_from_se, holm, minimum_detectable_effect, needed_n
 
-    family = [i for i, r in enumerate(rows) if r["tested"] is not None and r["valid"] and math.isfinite(r["tested"].p)]
+    def testable(tested):  # fewer than two units on a side leaves nothing to test
+        return tested is not None and math.isfinite(tested.mean) and math.isfinite(tested.p)
+
+    rows = [{**row, "tested": row["tested"] if testable(row["tested"]) else None} for row in rows]
+    family = [i for i, r in enumerate(rows) if r["tested"] is not None and r["valid"]]
     adjusted = dict(zip(family, holm([rows[i]["tested"].p for i in family])))
     level = alpha / max(1, len(family))  # Holm's first step: a difference this large is found in any case
     out = []
@@ -165,14 +171,19 @@ def decide(rows: list[dict], alpha: float, power: float, effects: Mapping[str, f
                         (HIGHER if tested.mean > 0 else LOWER)
                 else:
                     verdict = NO_DIFFERENCE
-            else:
-                verdict = NO_DIFFERENCE
-        out.append({**row, "p (Holm)": p_holm, "verdict": verdict, "MDE": mde, "n needed": n_needed})
+        effect = effects.get(row["effect_key"])
+        detected = verdict in (SUPPORTED, CONTRADICTED, HIGHER, LOWER)
+        out.append({**row, "p (Holm)": p_holm, "verdict": verdict, "MDE": mde, "n needed": n_needed,
+                    "effect of interest": effect,
+                    "below effect of interest": bool(detected and effect and abs(tested.mean) < effect)})
     return out
 
 
-def _number(x: float, digits: int = 3) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+def _number(x: float, digits: int = 3, sign: str = "") -> str:
+    """Fixed digits, or two significant ones where fixed digits would print a nonzero value as 0."""
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{x:{sign}.1e}" if 0 < abs(x) < 0.5 * 10 ** -digits else f"{x:{sign}.{digits}f}"
 
 
 def _p_text(p: float) -> str:
@@ -190,9 +201,12 @@ def render(rows: list[dict], label: str = "claim") -> pd.DataFrame:
             label: row["text"], "metric": row["metric_label"], "instrument": row["instrument"],
             "n": tested.n if tested else "-",
             "difference [95 % CI]": "-" if tested is None else
-            f"{tested.mean:+.{digits}f} [{tested.low:+.{digits}f}, {tested.high:+.{digits}f}]",
+            f"{_number(tested.mean, digits, '+')} [{_number(tested.low, digits, '+')}, "
+            f"{_number(tested.high, digits, '+')}]",
             "p": _p_text(tested.p) if tested else "-", "p (Holm)": _p_text(row["p (Holm)"]),
-            "verdict": row["verdict"], "MDE": _number(row["MDE"], digits),
+            "verdict": row["verdict"] + (f" (smaller than the {row['effect of interest']:g} of interest)"
+                                         if row.get("below effect of interest") else ""),
+            "MDE": _number(row["MDE"], digits),
             "n needed": row["n needed"] if row["n needed"] is not None else "-",
         })
     return pd.DataFrame(table)
@@ -453,14 +467,23 @@ def write_report(run) -> dict:
         f"{settings.alpha}. `no difference detected` is not `no difference`: `MDE` is the smallest true difference "
         f"this run would have detected with {settings.power:.0%} power (at alpha / {max(family, 1)}, Holm's strictest "
         "step), and `n needed` the units a paired test needs for the effect of interest of its metric "
-        f"({', '.join(f'{k} {v:g}' for k, v in settings.effects.items())}). A claim measured by an instrument whose "
-        "validity is not on record reads `instrument not valid` and takes no part in the correction.", "",
+        f"({', '.join(f'{k} {v:g}' for k, v in settings.effects.items())}); `-` where every paired difference was 0 "
+        "(no spread to plan from). A claim measured by an instrument whose validity is not on record reads "
+        "`instrument not valid` and takes no part in the correction. The intervals are 95 % ones, not adjusted: "
+        "one can exclude 0 while Holm's p does not pass. Prompts are resampled and the trained policies held fixed, "
+        "so a verdict is about these trained checkpoints (one training seed unless pooled below), not about "
+        "every training of the method."
+        + (f" With {n_resamples} permutations the smallest p is {2 / (n_resamples + 1):.1e}, which Holm multiplies "
+           f"by {family}: raise `bootstrap_samples` for any claim to pass."
+           if family * 2 / (n_resamples + 1) >= settings.alpha else ""), "",
         markdown(claims),
     ]
     if not pooled.empty:
         lines += ["### Pooled over training seeds", "",
                   f"The same claims over the seeds sweep ({spread_note}): each unit's value is its mean over seeds "
-                  "(the seeds share prompts and evaluation draws, so the prompt stays the unit).", "", markdown(pooled)]
+                  "(the seeds share prompts and evaluation draws, so the prompt stays the unit). Averaging over seeds "
+                  "narrows what varies between trainings rather than testing against it: read it beside the seed "
+                  "spread below.", "", markdown(pooled)]
     lines += [
         "## Instruments", "",
         "What measured each metric, and its agreement with human or ground-truth labels (`udasa_lib/instruments.py`). "

@@ -57,16 +57,24 @@ def bootstrap_mean_ci(
 
 # --- paired comparisons (two policies on the same prompts) -----------------------------------------
 
+def _finite(values) -> np.ndarray:
+    values = np.asarray(values, dtype=float).ravel()
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{int((~np.isfinite(values)).sum())} of {values.size} values are NaN or infinite")
+    return values
+
+
 def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_resamples: int = 2000,
                       seed: int = 0, confidence: float = 0.95) -> dict:
     """Mean of the per-prompt differences a_i - b_i (shape [n] each, same prompts, same order) with
     a percentile bootstrap interval (scipy.stats.bootstrap) and a two-sided sign-flip permutation
     p-value (scipy.stats.permutation_test, permutation_type="samples": under H0 each pair's labels
     are exchangeable). Returns {"n", "mean", "low", "high", "p", "sd"}; NaNs when n < 2.
-    Raises ValueError when the two samples differ in length."""
+    Raises ValueError when the two samples differ in length or hold a NaN or infinity (scipy's
+    permutation test would return a spuriously small p)."""
     from scipy import stats as scipy_stats
 
-    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    a, b = _finite(a), _finite(b)
     if a.shape != b.shape:
         raise ValueError(f"paired samples differ in length: {a.size} vs {b.size}")
     d = a - b
@@ -80,10 +88,10 @@ def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.n
                 "sd": 0.0}
     rng = np.random.default_rng(seed)
     interval = scipy_stats.bootstrap((d,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
-                                     method="percentile", random_state=rng).confidence_interval
+                                     method="percentile", rng=rng).confidence_interval
     test = scipy_stats.permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis),
                                         permutation_type="samples", n_resamples=n_resamples,
-                                        alternative="two-sided", random_state=rng, vectorized=True)
+                                        alternative="two-sided", rng=rng, vectorized=True)
     return {"n": int(d.size), "mean": float(d.mean()), "low": float(interval.low), "high": float(interval.high),
             "p": float(test.pvalue), "sd": float(d.std(ddof=1))}
 
@@ -98,7 +106,7 @@ def independent_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] |
     standard error sqrt(var_a / n_a + var_b / n_b); NaNs when either sample has fewer than 2 values."""
     from scipy import stats as scipy_stats
 
-    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    a, b = _finite(a), _finite(b)
     nan = float("nan")
     if a.size < 2 or b.size < 2:
         return {"n": int(a.size + b.size), "mean": nan, "low": nan, "high": nan, "p": nan, "se": nan}
@@ -107,17 +115,16 @@ def independent_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] |
         return np.mean(x, axis=axis) - np.mean(y, axis=axis)
 
     rng = np.random.default_rng(seed)
-    se = float(np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size))
-    if se == 0:
-        mean = float(a.mean() - b.mean())
-        return {"n": int(a.size + b.size), "mean": mean, "low": mean, "high": mean, "p": 1.0 if mean == 0 else nan,
-                "se": 0.0}
-    interval = scipy_stats.bootstrap((a, b), difference, n_resamples=n_resamples, confidence_level=confidence,
-                                     method="percentile", random_state=rng).confidence_interval
+    mean, se = float(difference(a, b)), float(np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size))
+    if se == 0:  # both samples constant: every bootstrap resample is the point; the permutation test still applies
+        low = high = mean
+    else:
+        interval = scipy_stats.bootstrap((a, b), difference, n_resamples=n_resamples, confidence_level=confidence,
+                                         method="percentile", rng=rng).confidence_interval
+        low, high = float(interval.low), float(interval.high)
     test = scipy_stats.permutation_test((a, b), difference, permutation_type="independent", n_resamples=n_resamples,
-                                        alternative="two-sided", random_state=rng, vectorized=True)
-    return {"n": int(a.size + b.size), "mean": float(difference(a, b)), "low": float(interval.low),
-            "high": float(interval.high), "p": float(test.pvalue), "se": se}
+                                        alternative="two-sided", rng=rng, vectorized=True)
+    return {"n": int(a.size + b.size), "mean": mean, "low": low, "high": high, "p": float(test.pvalue), "se": se}
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
