@@ -26,23 +26,23 @@ FINISH_EOS = "eos"
 FINISH_LENGTH = "length"
 
 
+def _hashed_seed(key: str, hex_digits: int) -> int:
+    import hashlib
+
+    return int(hashlib.sha256(key.encode()).hexdigest()[:hex_digits], 16)
+
+
 def batch_seed(seed: int, task: str, batch_index: int) -> int:
     """The seed of one generation batch, from (seed, task, batch index) only: a resumed or
     re-batched run draws each batch as an uninterrupted one would."""
-    import hashlib
-
-    digest = hashlib.sha256(f"{seed}/{task}/{batch_index}".encode()).hexdigest()
-    return int(digest[:8], 16)
+    return _hashed_seed(f"{seed}/{task}/{batch_index}", 8)
 
 
 def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
     """The seed of prompt `prompt_id`'s `sample_index`-th sample, the same under every policy:
     common random numbers, so that paired differences between policies cancel the shared noise
     (`generate(row_seeds=...)`)."""
-    import hashlib
-
-    digest = hashlib.sha256(f"crn/{seed}/{prompt_id}/{sample_index}".encode()).hexdigest()
-    return int(digest[:15], 16)
+    return _hashed_seed(f"crn/{seed}/{prompt_id}/{sample_index}", 15)
 
 
 def sample_seeds(seed: int, draws: Sequence[tuple[str, int]]) -> list[int]:

@@ -74,23 +74,20 @@ def validity_records(harm_probe_metrics: dict, sentiment_classifier_metrics: dic
     00_data made (harm_probe_metrics.json; the sentiment reward model's metrics, which give plain
     accuracy: IMDb is balanced by construction, 25k positive and 25k negative reviews, so it stands
     in for balanced accuracy)."""
-    records = {}
+    judge_ = judge_instrument(judge)
+    records = {REFUSAL_KEYWORDS: (False, "agreement with human refusal labels not measured"),
+               judge_: (False, "agreement with human preferences not measured"),
+               GOLD_ANSWERS: (True, "valid by construction"), COMPUTED: (True, "valid by construction")}
     for instrument, measured in ((HARM_PROBE, harm_probe_metrics), (SENTIMENT_CLASSIFIER, sentiment_classifier_metrics)):
         balanced = measured.get("balanced_accuracy", measured["accuracy"])
         valid, p = above_chance(balanced, int(measured["n_test"]))
         figures = f"held-out balanced accuracy {balanced:.3f} (n = {measured['n_test']}, p = {p:.2g} vs 0.5)"
         if "roc_auc" in measured:
             figures += f", ROC AUC {measured['roc_auc']:.3f}"
-        records[instrument.name] = {"valid": valid, "figures": figures}
-    records[REFUSAL_KEYWORDS.name] = {"valid": False, "figures": "agreement with human refusal labels not measured"}
-    records[judge_instrument(judge).name] = {"valid": False,
-                                             "figures": "agreement with human preferences not measured"}
-    for instrument in (GOLD_ANSWERS, COMPUTED):
-        records[instrument.name] = {"valid": True, "figures": "valid by construction"}
-    every = {i.name: i for i in (HARM_PROBE, SENTIMENT_CLASSIFIER, REFUSAL_KEYWORDS, GOLD_ANSWERS, COMPUTED,
-                                 judge_instrument(judge))}
-    return {name: {"instrument": name, "kind": every[name].kind, "what": every[name].what, **record}
-            for name, record in records.items()}
+        records[instrument] = (valid, figures)
+    order = (HARM_PROBE, SENTIMENT_CLASSIFIER, REFUSAL_KEYWORDS, judge_, GOLD_ANSWERS, COMPUTED)
+    return {i.name: {"instrument": i.name, "kind": i.kind, "what": i.what, "valid": records[i][0],
+                     "figures": records[i][1]} for i in order}
 
 
 def read_validity(data_dir: Path, sentiment_classifier_metrics: dict, judge: str) -> dict[str, dict]:

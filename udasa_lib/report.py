@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,13 +33,11 @@ import yaml
 
 from udasa_lib import REPO_ROOT
 from udasa_lib.config import dotted_get
-from udasa_lib.metrics import interval_text
 
 SUPPORTED, CONTRADICTED, NO_DIFFERENCE = "supported", "contradicted", "no difference detected"
 INSTRUMENT_NOT_VALID, NOT_RUN = "instrument not valid", "not run"
 HIGHER, LOWER = "higher", "lower"  # verdicts of the controls, which claim no direction
 INFERRED_CHOICES_FILE = REPO_ROOT / "configs" / "inferred_choices.yaml"
-UNIT_STAGES = ("05_eval_harmless", "05_eval_winrate", "05_eval_lmeval", "05_eval_sentiment", "06_silhouette")
 
 
 @dataclass(frozen=True)
@@ -102,8 +101,6 @@ class Tested:
     p: float  # two-sided, uncorrected
     spread: float  # sd of the per-unit differences (paired) or the standard error (independent)
     paired: bool
-    better_mean: float = float("nan")
-    than_mean: float = float("nan")
 
 
 def paired_values(units: pd.DataFrame, task: str, metric: str, a: str, b: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -128,8 +125,7 @@ def paired_test(values: tuple[np.ndarray, np.ndarray] | None, n_resamples: int, 
         return None
     a, b = values
     result = paired_difference(a, b, n_resamples=n_resamples, seed=seed)
-    return Tested(result["n"], result["mean"], result["low"], result["high"], result["p"], result["sd"], True,
-                  float(np.mean(a)), float(np.mean(b)))
+    return Tested(result["n"], result["mean"], result["low"], result["high"], result["p"], result["sd"], True)
 
 
 def decide(rows: list[dict], alpha: float, power: float, effects: Mapping[str, float],
@@ -151,12 +147,12 @@ def decide(rows: list[dict], alpha: float, power: float, effects: Mapping[str, f
     out = []
     for i, row in enumerate(rows):
         tested, verdict, p_holm, mde, n_needed = row["tested"], NOT_RUN, float("nan"), float("nan"), None
+        effect = effects.get(row["effect_key"])
         if tested is not None:
             if tested.paired:
                 mde = minimum_detectable_effect(tested.spread, tested.n, level, power)
             else:
                 mde = detectable_from_se(tested.spread, level, power)
-            effect = effects.get(row["effect_key"])
             if effect and tested.paired and math.isfinite(tested.spread) and tested.spread > 0:
                 n_needed = needed_n(tested.spread, effect, level, power)
             elif effect and math.isfinite(mde) and mde > 0:  # se scales as 1 / sqrt(n)
@@ -171,7 +167,6 @@ def decide(rows: list[dict], alpha: float, power: float, effects: Mapping[str, f
                         (HIGHER if tested.mean > 0 else LOWER)
                 else:
                     verdict = NO_DIFFERENCE
-        effect = effects.get(row["effect_key"])
         detected = verdict in (SUPPORTED, CONTRADICTED, HIGHER, LOWER)
         out.append({**row, "p (Holm)": p_holm, "verdict": verdict, "MDE": mde, "n needed": n_needed,
                     "effect of interest": effect,
@@ -282,17 +277,12 @@ def pooled_units(unit_tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
     The seeds share their prompts and evaluation seeds, so (prompt x seed) values of one prompt are
     not independent; averaging them first keeps the prompt the unit of resampling, and the paired
     difference of the means is the mean over seeds of the paired differences."""
+    from udasa_lib.metrics import UNIT_FIELDS
+
     if not unit_tables:
-        return pd.DataFrame(columns=["task", "method", "metric", "unit", "value"])
+        return pd.DataFrame(columns=list(UNIT_FIELDS))
     both = pd.concat(list(unit_tables), ignore_index=True)
     return both.groupby(["task", "method", "metric", "unit"], sort=False, as_index=False)["value"].mean()
-
-
-def verdict_counts(rows: Sequence[dict]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
-    return counts
 
 
 def silhouette_rows(ci_table: pd.DataFrame) -> pd.DataFrame:
@@ -392,7 +382,8 @@ def write_report(run) -> dict:
     resolved = json.loads((run_dir / "config.json").read_text())
     silhouette_ci = pd.read_csv(run.upstream["06_silhouette"] / silhouette.CI_FILE)
     table = pd.concat([metrics.results_table(run_dir), silhouette_rows(silhouette_ci)], ignore_index=True)
-    units = metrics.unit_table(run_dir, UNIT_STAGES)
+    unit_stages = (*pipeline.EVAL_STAGES, "06_silhouette")  # every stage that writes units.jsonl
+    units = metrics.unit_table(run_dir, unit_stages)
     prelim = json.loads((run.upstream["03_pairs"] / PRELIM_FILE).read_text())
     stage_summary = json.loads((run.upstream["03_pairs"] / SUMMARY_FILE).read_text())
     trained = {task: list(dict.fromkeys(v.split("/")[1] for v in pipeline.variants(cfg, "04_train")
@@ -442,7 +433,7 @@ def write_report(run) -> dict:
         if spread_note is None:
             spread = seed_spread(pd.read_csv(seeds_dir / "summary.csv"))
             points = json.loads((seeds_dir / "points.json").read_text())
-            pooled_table = pooled_units([metrics.unit_table(Path(p["run_dir"]), UNIT_STAGES) for p in points])
+            pooled_table = pooled_units([metrics.unit_table(Path(p["run_dir"]), unit_stages) for p in points])
             pooled = render(decided(claim_rows(pooled_table, validity, judge, n_resamples, seed)))
             spread_note = f"from {seeds_dir} ({len(points)} seeds)"
     times = stage_times(run_dir)
@@ -450,7 +441,7 @@ def write_report(run) -> dict:
     agreement = pd.DataFrame(prelim["agreement_by_stage"])
     spearman = pd.DataFrame({"combined u": prelim["spearman_u_vs_reward"], **prelim["spearman_by_dimension"]}).T
     validity_table = pd.DataFrame([{k: v for k, v in record.items()} for record in validity.values()])
-    counts = verdict_counts(claim_results)
+    counts = dict(Counter(r["verdict"] for r in claim_results))
     family = sum(math.isfinite(r["p (Holm)"]) for r in claim_results)
     lines = [
         f"# UDASA / UAL replication report: run `{run.run_id}`", "",
