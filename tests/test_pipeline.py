@@ -113,7 +113,8 @@ def _notebook_modules(path) -> set[str]:
     for cell in nbformat.read(path, as_version=4).cells:
         if cell.cell_type == "code":
             for group in re.findall(r"from udasa_lib import ([\w, ]+)", cell.source):
-                names |= {name.strip() for name in group.split(",")}
+                # `pairs as pairing` imports pairs: the alias must not hide the module from the key
+                names |= {name.split(" as ")[0].strip() for name in group.split(",")}
             names |= set(re.findall(r"from udasa_lib\.(\w+) import", cell.source))
     return names
 

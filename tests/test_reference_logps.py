@@ -50,9 +50,9 @@ def test_shared_reference_equals_trls_own_per_batch_computation(tiny_model_path,
     records = _records(tokenizer)
     shared = SharedReference(records, key, tmp_path / "cache")
     stage = records[1:5]  # a stage is a subset of the set the table covers
-    plain_args = train._trainer_args(cfg, "unstaged", tmp_path / "a", "dpo", "cpu", False)
+    plain_args = train._trainer_args(cfg, "unstaged", tmp_path / "a", "dpo", "cpu", False, 1)
     trl_trainer = train.build_trainer(model, tokenizer, stage, plain_args, METHODS["dpo"])
-    shared_args = train._trainer_args(cfg, "unstaged", tmp_path / "b", "dpo", "cpu", False, precompute_reference=True)
+    shared_args = train._trainer_args(cfg, "unstaged", tmp_path / "b", "dpo", "cpu", False, 1, precompute_reference=True)
     shared_trainer = train.build_trainer(model, tokenizer, stage, shared_args, METHODS["dpo"], shared_reference=shared)
     assert isinstance(shared_trainer, UALDPOTrainer) and shared.computed and shared.path.exists()
 

@@ -103,9 +103,20 @@ def test_ground_truth_reward_is_not_reachable_from_scoring_pairing_or_training()
     what builds or trains on pairs to the evaluator's ground truth."""
     from udasa_lib.pipeline import module_closure
 
-    for module in ("score", "value_probe", "stage", "train", "trainers", "on_policy", "ual"):
+    for module in ("score", "value_probe", "pairs", "train", "trainers", "on_policy", "ual", "methods"):
         reached = module_closure(module)
         assert "udasa_lib/sentiment_reward.py" not in reached, f"{module} reaches the ground truth: {reached}"
+        assert "udasa_lib/controls.py" not in reached, f"{module} reaches the oracle pairs' builder: {reached}"
+
+
+def test_only_the_positive_control_trains_on_evaluator_labelled_pairs():
+    from udasa_lib import controls, train
+    from udasa_lib.methods import EVALUATOR_PAIR_SETS, METHODS
+
+    readers = {name for name, spec in METHODS.items() if spec.pair_set in EVALUATOR_PAIR_SETS}
+    assert readers == {"dpo_oracle"}
+    assert {train.PAIRS_FILES[s] for s in EVALUATOR_PAIR_SETS} == {controls.ORACLE_FILE}
+    assert all(METHODS[m].needs_ground_truth for m in readers)
 
 
 def test_empty_generations_are_scored_not_crashed_on():

@@ -58,7 +58,7 @@ def _trl_rows(tokenizer, pairs, method, tmp_path) -> list[tuple[list[int], list[
     spec = train.METHODS[method]
     epsilons = train.smoothing_for(pairs, spec, cfg.train.ual)
     records = train.training_records(pairs, spec, epsilons)
-    args = train._trainer_args(cfg, "unstaged", tmp_path / method, spec.objective, "cpu", False)
+    args = train._trainer_args(cfg, "unstaged", tmp_path / method, spec.objective, "cpu", False, 1)
     trainer = train.build_trainer(train._new_adapter(model, cfg), tokenizer, records, args, spec)
     rows = []
     for batch in trainer.get_train_dataloader():

@@ -11,6 +11,12 @@ from udasa_lib import pipeline, train, ual
 from udasa_lib.trainers import UALDPOTrainer, UALSFTTrainer
 
 ALL_METHODS = list(train.METHODS)
+# dpo_oracle's pairs need a ground truth, which only the sentiment task has
+ALIGNMENT_METHODS = [m for m in ALL_METHODS if not train.METHODS[m].needs_ground_truth]
+
+
+def _task_of(method: str) -> str:
+    return "sentiment" if train.METHODS[method].needs_ground_truth else "alignment"
 
 
 # --- per-sample smoothing values ---------------------------------------------------------------
@@ -38,6 +44,33 @@ def test_epsilon_knobs_are_checked():
         ual.ual_epsilons([0.5], 0.1, -1.0, 0.0, 0.4)
     with pytest.raises(ValueError, match="mean_epsilon"):
         ual.ual_epsilons([0.5], 0.5, 0.1, 0.0, 0.4)
+
+
+def test_stage_steps_split_the_budget_by_stage_size():
+    assert train.stage_steps([10, 10, 10], 12) == [4, 4, 4]
+    assert train.stage_steps([14, 13, 13], 10) == [4, 3, 3]  # largest remainder to the largest stage
+    assert train.stage_steps([40], 7) == [7]
+    assert train.stage_steps([100, 1, 1], 3) == [1, 1, 1]  # every stage trains
+    assert sum(train.stage_steps([7, 5, 3], 101)) == 101
+    with pytest.raises(ValueError, match="fewer than the 3 stages"):
+        train.stage_steps([5, 5, 5], 2)
+
+
+def _rows(uncertainties):
+    return [{"pair_id": f"p{i}", "uncertainty_chosen": u, "pair_uncertainty": u} for i, u in enumerate(uncertainties)]
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_constant_smoothing_is_uals_mean_epsilon_on_every_pair(objective):
+    from udasa_lib import config as config_mod
+
+    ual_cfg = config_mod.resolve(SMOKE_CONFIG).train.ual
+    rows = _rows([0.05, 0.4, 0.9, 0.6])
+    varying = train.smoothing_for(rows, train.METHODS[f"ual_{objective}"], ual_cfg)
+    constant = train.smoothing_for(rows, train.METHODS[f"ual_{objective}_const"], ual_cfg)
+    assert len(set(varying.values())) > 1
+    assert set(constant.values()) == {ual_cfg.mean_epsilon}
+    assert sum(constant.values()) == pytest.approx(sum(varying.values()))  # same mean, other spread
 
 
 # --- the two losses against their formulas -------------------------------------------------
@@ -92,7 +125,7 @@ def _dpo_trainer(tiny_model_path, tmp_path, epsilon):
 
     model, tokenizer, cfg = _tiny_peft(tiny_model_path)
     records = [{**p, train.EPSILON_KEY: epsilon} for p in PAIRS]
-    args = train._trainer_args(cfg, "unstaged", tmp_path, "dpo", "cpu", False)
+    args = train._trainer_args(cfg, "unstaged", tmp_path, "dpo", "cpu", False, 1)
     trainer = UALDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(records),
                             processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -134,13 +167,36 @@ def test_dpo_hook_equals_trl_at_zero_epsilon_and_the_formula_otherwise(tiny_mode
         assert smoothed.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_constant_epsilon_dpo_control_is_uals_loss_with_epsilon_fixed(tiny_model_path, tmp_path):
+    import torch
+
+    from udasa_lib import config as config_mod
+
+    mean = config_mod.resolve(SMOKE_CONFIG).train.ual.mean_epsilon
+    epsilons = train.smoothing_for(_rows([0.1, 0.5, 0.7, 0.9]), train.METHODS["ual_dpo_const"],
+                                   config_mod.resolve(SMOKE_CONFIG).train.ual)
+    trainer, model, batch = _dpo_trainer(tiny_model_path, tmp_path, epsilons["p0"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+        policy = _sequence_logps(model, batch)
+        with model.disable_adapter():
+            reference = _sequence_logps(model, batch)
+        chosen, rejected = (policy - reference).chunk(2)
+        expected = ual.ual_dpo_loss(chosen - rejected, trainer.beta, torch.full_like(chosen, mean))
+        plain = trainer.compute_loss(model, {k: v for k, v in batch.items() if k != train.EPSILON_KEY})
+        assert abs(expected.item() - plain.item()) > 1e-4, "the control must differ from plain DPO"
+        assert trainer.compute_loss(model, dict(batch)).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_sft_hook_equals_trl_at_zero_epsilon(tiny_model_path, tmp_path):
     import torch
     from datasets import Dataset
 
     model, tokenizer, cfg = _tiny_peft(tiny_model_path)
     records = [{"prompt": p["prompt"], "completion": p["chosen"], train.EPSILON_KEY: 0.0} for p in PAIRS]
-    args = train._trainer_args(cfg, "unstaged", tmp_path, "sft", "cpu", False)
+    args = train._trainer_args(cfg, "unstaged", tmp_path, "sft", "cpu", False, 1)
     trainer = UALSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
     assert train.EPSILON_KEY in batch
@@ -166,7 +222,7 @@ def staged_smoke(smoke_data):
 
 
 def _train(variant: str, overrides: dict | None = None):
-    stage = pipeline.open_stage("04_train", SMOKE_CONFIG, {"train.methods": {"alignment": ALL_METHODS, "sentiment": ALL_METHODS},
+    stage = pipeline.open_stage("04_train", SMOKE_CONFIG, {"train.methods": {"alignment": ALIGNMENT_METHODS, "sentiment": ALL_METHODS},
                                                       **(overrides or {})},
                                 variant=variant)
     return stage, train.run_training(stage)
@@ -179,9 +235,12 @@ def test_every_method_trains_saves_and_reloads(staged_smoke, tiny_model_path, me
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    stage, log = _train(f"alignment/{method}")
+    task = _task_of(method)
+    stage, log = _train(f"{task}/{method}")
     curves = pd.read_csv(stage.dir / train.CURVES_FILE)
     assert len(curves) == sum(p["steps"] for p in log["stages"]) and curves["loss"].notna().all()
+    # every method of a task takes the budget's optimizer steps, staged or not (from the log)
+    assert sum(p["steps"] for p in log["stages"]) == stage.config.train.steps[task]
     weights = load_file(stage.dir / "adapters" / "final" / "adapter_model.safetensors")
     lora_b = [w for name, w in weights.items() if "lora_B" in name]
     assert lora_b and any(w.abs().max() > 0 for w in lora_b), "LoRA B starts at zero; training must move it"
@@ -279,6 +338,7 @@ def test_two_cpu_processes_train_the_expected_steps_and_save_one_adapter(staged_
     stage, log = _train("alignment/dpo", overrides)
     pairs = log["stages"][0]["pairs"]
     cfg = stage.config.train
-    assert log["stages"][0]["steps"] == math.ceil(pairs / (cfg.batch_size * 2)) * cfg.epochs["unstaged"]
+    assert log["stages"][0]["steps"] == cfg.steps["alignment"]
+    assert log["stages"][0]["epochs"] == pytest.approx(cfg.steps["alignment"] * cfg.batch_size * 2 / pairs, abs=1e-3)
     assert sorted(p.name for p in (stage.dir / "adapters").iterdir()) == ["1_unstaged", "final"]
     assert log["world_size"] == 2 and not any(p.get("resumed") for p in log["stages"])

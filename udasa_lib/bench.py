@@ -300,7 +300,7 @@ def _train_share(cfg, records, table_dir: str, threads: int) -> float:
                                                     truncation_mode="keep_start", bf16=False), Path(table_dir))
     model = train._new_adapter(base, cfg)
     args = train._trainer_args(cfg, train.UNSTAGED, Path(table_dir) / f"out-{os.getpid()}", "dpo", "cpu", False,
-                               precompute_reference=True)
+                               one_epoch(records, cfg), precompute_reference=True)
     args.logging_steps = 10**6
     trainer = train.build_trainer(model, tokenizer, records, args, METHODS["dpo"], cfg.train.reference, shared)
     if shared.computed:
@@ -308,6 +308,13 @@ def _train_share(cfg, records, table_dir: str, threads: int) -> float:
     started = time.perf_counter()
     trainer.train()
     return time.perf_counter() - started
+
+
+def one_epoch(records, cfg) -> int:
+    """Optimizer steps of one pass over `records`: the bench times passes, not the run's budget."""
+    import math
+
+    return math.ceil(len(records) / (cfg.train.batch_size * cfg.train.gradient_accumulation_steps))
 
 
 def _dpo_methods(cfg) -> list[str]:
@@ -361,7 +368,7 @@ def bench_training(cfg: config_mod.Config, n_pairs: int, train_rate: float, with
                                                             truncation_mode="keep_start", bf16=False), scratch)
         model = train._new_adapter(base, cfg)
         args = train._trainer_args(cfg, train.UNSTAGED, scratch / name, "dpo", base.device.type, False,
-                                   precompute_reference=shared is not None)
+                                   one_epoch(records, cfg), precompute_reference=shared is not None)
         args.logging_steps = 10**6
         started = time.perf_counter()
         trainer = train.build_trainer(model, tokenizer, records, args, METHODS["dpo"], cfg.train.reference, shared)

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, Mapping
 import yaml
 
 from udasa_lib.io import sha256_json
-from udasa_lib.methods import METHODS
+from udasa_lib.methods import GROUND_TRUTH_TASKS, METHODS
 
 
 class ConfigError(ValueError):
@@ -183,7 +183,9 @@ class TrainConfig:
     methods: dict[str, tuple[TrainMethod, ...]]  # task -> methods; one LoRA policy per (task, method)
     seed: NonNegative  # LoRA init, data order, on-policy sampling; sampling and pairs do not read it (seeds sweep)
     beta: dict[str, PositiveFloat]  # per stage (conservative, moderate, exploratory) and `unstaged` (dpo, ual_dpo)
-    epochs: dict[str, Positive]  # same keys as beta; sft and ual_sft use `unstaged`
+    # task -> optimizer steps of every policy of that task, whatever its method: staged methods split
+    # them across stages in proportion to the stages' pairs (train.stage_steps)
+    steps: dict[str, Positive]
     learning_rate: PositiveFloat
     lr_scheduler: str  # transformers scheduler name, restarted at every stage
     batch_size: Positive  # pairs (or SFT examples) per device per step
@@ -456,6 +458,13 @@ def check_relations(config: Config) -> None:
         raise ConfigError(f"pairs.truncated.{unknown[0]}: not a task of sample.tasks ({', '.join(config.sample.tasks)})")
     if not config.sample.tasks:
         raise ConfigError("sample.tasks: at least one task is needed")
+    for task, methods in config.train.methods.items():
+        if methods and task not in config.train.steps:
+            raise ConfigError(f"train.steps.{task}: missing; every task with methods needs its optimizer-step budget")
+        for method in methods:
+            if METHODS[method].needs_ground_truth and task not in GROUND_TRUTH_TASKS:
+                raise ConfigError(f"train.methods.{task}: {method} learns from ground-truth-labelled pairs, which only "
+                                  f"{', '.join(GROUND_TRUTH_TASKS)} has")
 
 
 def resolve(path: Path | str, overrides: Mapping[str, Any] | None = None) -> Config:

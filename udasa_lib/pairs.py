@@ -97,6 +97,36 @@ def is_cut(response: dict) -> bool:
     return response["finish_reason"] != FINISH_EOS
 
 
+def pair_record(record: dict, chosen: int, rejected: int, u: np.ndarray, normalised: Mapping[str, np.ndarray],
+                raw: Mapping[str, Sequence[float]]) -> dict:
+    """One pair of PAIR_SCHEMA (stage added later) from a sampled record and two response indices,
+    with the token ids as sampled and every dimension's score of both responses."""
+    responses = record["responses"]
+    delta = float(u[rejected] - u[chosen])
+    pair = {
+        "pair_id": f"{record['prompt_id']}-pair", "prompt_id": record["prompt_id"], "task": record["task"],
+        "prompt": record["prompt"], "formatted_prompt": record["formatted_prompt"],
+        "chosen": responses[chosen]["text"], "rejected": responses[rejected]["text"],
+        "chosen_sample_id": responses[chosen]["sample_id"],
+        "rejected_sample_id": responses[rejected]["sample_id"],
+        "prompt_token_ids": record["prompt_token_ids"],
+        "chosen_token_ids": responses[chosen]["token_ids"],
+        "rejected_token_ids": responses[rejected]["token_ids"],
+        "chosen_finish_reason": responses[chosen]["finish_reason"],
+        "rejected_finish_reason": responses[rejected]["finish_reason"],
+        "u_chosen": float(u[chosen]), "u_rejected": float(u[rejected]), "delta_u": delta,
+        # UAL's per-sample uncertainty: of the chosen response for SFT; of the preference
+        # itself for DPO, where a small gap is an uncertain preference.
+        "uncertainty_chosen": float(u[chosen]), "pair_uncertainty": 1.0 - delta,
+    }
+    for d in DIMENSIONS:
+        pair[f"{d}_chosen"] = float(normalised[d][chosen])
+        pair[f"{d}_rejected"] = float(normalised[d][rejected])
+        pair[f"{d}_raw_chosen"] = float(raw[d][chosen])
+        pair[f"{d}_raw_rejected"] = float(raw[d][rejected])
+    return pair
+
+
 def build_pairs(samples: list[dict], scores: list[dict], weights: Mapping[str, float], strategy: str,
                 epsilon: float, cut_points: Sequence[float], seed: int,
                 truncated: Mapping[str, str] | None = None) -> tuple[list[dict], dict]:
@@ -135,28 +165,7 @@ def build_pairs(samples: list[dict], scores: list[dict], weights: Mapping[str, f
         if texts[chosen].strip() == texts[rejected].strip():
             dropped["identical_text"] += 1
             continue
-        pair = {
-            "pair_id": f"{record['prompt_id']}-pair", "prompt_id": record["prompt_id"], "task": record["task"],
-            "prompt": record["prompt"], "formatted_prompt": record["formatted_prompt"],
-            "chosen": texts[chosen], "rejected": texts[rejected],
-            "chosen_sample_id": responses[chosen]["sample_id"],
-            "rejected_sample_id": responses[rejected]["sample_id"],
-            "prompt_token_ids": record["prompt_token_ids"],
-            "chosen_token_ids": responses[chosen]["token_ids"],
-            "rejected_token_ids": responses[rejected]["token_ids"],
-            "chosen_finish_reason": responses[chosen]["finish_reason"],
-            "rejected_finish_reason": responses[rejected]["finish_reason"],
-            "u_chosen": float(u[chosen]), "u_rejected": float(u[rejected]), "delta_u": delta,
-            # UAL's per-sample uncertainty: of the chosen response for SFT; of the preference
-            # itself for DPO, where a small gap is an uncertain preference.
-            "uncertainty_chosen": float(u[chosen]), "pair_uncertainty": 1.0 - delta,
-        }
-        for d in DIMENSIONS:
-            pair[f"{d}_chosen"] = float(normalised[d][chosen])
-            pair[f"{d}_rejected"] = float(normalised[d][rejected])
-            pair[f"{d}_raw_chosen"] = float(raw[d][chosen])
-            pair[f"{d}_raw_rejected"] = float(raw[d][rejected])
-        pairs.append(pair)
+        pairs.append(pair_record(record, chosen, rejected, u, normalised, raw))
     for task in sorted({p["task"] for p in pairs}):
         members = [p for p in pairs if p["task"] == task]
         for pair, name in zip(members, assign_stages([p["delta_u"] for p in members], cut_points)):
@@ -204,6 +213,17 @@ def response_table(samples: list[dict], scores: list[dict], weights: Mapping[str
                 row[f"{d}_raw"] = float(raw[d][j])
             rows.append(row)
     return rows
+
+
+def pair_set_table(summary: Mapping[str, dict]):
+    """summary.json as one row per pair set: pairs, drops, stage sizes; for the controls, the pairs
+    flipped (random) and the share the combined u orders as the ground truth does (oracle)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"pair set": name, "pairs": s["pairs"], **s["dropped"], **s["stage_sizes"],
+                          "flipped": s.get("flipped", "-"),
+                          "u agrees with oracle": (s.get("u_agrees_with_oracle") or {}).get("u_agrees", "-")}
+                         for name, s in summary.items()])
 
 
 def run_pairs(run) -> dict:

@@ -373,7 +373,7 @@ def write_report(run) -> dict:
 
     from udasa_lib import metrics, pipeline, silhouette
     from udasa_lib.instruments import read_validity
-    from udasa_lib.pairs import SUMMARY_FILE
+    from udasa_lib.pairs import SUMMARY_FILE, pair_set_table
     from udasa_lib.prelim import PRELIM_FILE
     from udasa_lib.io import atomic_write_text
 
@@ -437,7 +437,7 @@ def write_report(run) -> dict:
             pooled = render(decided(claim_rows(pooled_table, validity, judge, n_resamples, seed)))
             spread_note = f"from {seeds_dir} ({len(points)} seeds)"
     times = stage_times(run_dir)
-    sizes = pd.DataFrame([{"pair set": name, "pairs": s["pairs"], **s["stage_sizes"]} for name, s in stage_summary.items()])
+    sizes = pair_set_table(stage_summary)
     agreement = pd.DataFrame(prelim["agreement_by_stage"])
     spearman = pd.DataFrame({"combined u": prelim["spearman_u_vs_reward"], **prelim["spearman_by_dimension"]}).T
     validity_table = pd.DataFrame([{k: v for k, v in record.items()} for record in validity.values()])

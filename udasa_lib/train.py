@@ -37,7 +37,7 @@ from udasa_lib.trainers import EPSILON_KEY, TrainingError
 from udasa_lib.ual import ual_epsilons
 
 PAIRS_FILES = {"combined": "pairs.jsonl", "semantic": "pairs_semantic.jsonl", "factual": "pairs_factual.jsonl",
-               "value": "pairs_value.jsonl"}
+               "value": "pairs_value.jsonl", "oracle": "pairs_oracle.jsonl", "random": "pairs_random.jsonl"}
 STAGE_DONE = "stage.json"
 CURVES_FILE = "curves.csv"
 CURVES_FIGURE = "curves.png"
@@ -106,9 +106,13 @@ def fit_to_length(records: list[dict], max_length: int, label: str) -> tuple[lis
 
 
 def smoothing_for(rows: list[dict], spec: MethodSpec, ual) -> dict[str, float] | None:
-    """UAL's epsilon per pair: SFT reads the chosen response's u, DPO the pair's (1 - delta u)."""
+    """UAL's epsilon per pair: SFT reads the chosen response's u, DPO the pair's (1 - delta u); the
+    constant-smoothing control gives every pair UAL's mean epsilon (train.ual.mean_epsilon), which
+    is also the mean of UAL's per-pair values, so the two differ only in how epsilon is spread."""
     if not spec.smoothing:
         return None
+    if spec.smoothing == "constant":
+        return {r["pair_id"]: float(ual.mean_epsilon) for r in rows}
     column = "uncertainty_chosen" if spec.objective == "sft" else "pair_uncertainty"
     values = ual_epsilons([float(r[column]) for r in rows], ual.mean_epsilon, ual.slope, ual.min_epsilon,
                           ual.max_epsilon, ual.direction)
@@ -117,14 +121,36 @@ def smoothing_for(rows: list[dict], spec: MethodSpec, ual) -> dict[str, float] |
 
 # --- the stage ----------------------------------------------------------------------------------
 
+def stage_steps(stage_sizes: Sequence[int], total: int) -> list[int]:
+    """Optimizer steps per stage: `total` (train.steps of the task) split in proportion to the
+    stages' pair counts by largest remainder, at least one each, so every stage sees its pairs about
+    equally often and every method of a task takes the same number of steps in all.
+
+    stage_sizes: [S] pair counts; returns [S] ints summing to `total`. Raises ValueError when
+    total < S (a stage would get no step)."""
+    if total < len(stage_sizes):
+        raise ValueError(f"train.steps={total} is fewer than the {len(stage_sizes)} stages to train")
+    pairs = sum(stage_sizes)
+    exact = [total * size / pairs for size in stage_sizes]
+    steps = [int(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: (-(exact[i] - steps[i]), i))
+    for i in by_remainder[:total - sum(steps)]:
+        steps[i] += 1
+    for i in range(len(steps)):  # a tiny stage still trains: one step from the largest
+        if steps[i] == 0:
+            steps[max(range(len(steps)), key=lambda j: (steps[j], -j))] -= 1
+            steps[i] = 1
+    return steps
+
+
 def _trainer_args(cfg, stage_name: str, output_dir: Path, objective: str, device: str, bf16: bool,
-                  precompute_reference: bool = False):
+                  max_steps: int, precompute_reference: bool = False):
     from trl import DPOConfig, SFTConfig
 
     tc = cfg.train
     common = dict(
         output_dir=str(output_dir),
-        num_train_epochs=tc.epochs[stage_name],
+        max_steps=max_steps,  # the budget is in optimizer steps; the Trainer cycles the pairs as needed
         learning_rate=tc.learning_rate,
         lr_scheduler_type=tc.lr_scheduler,
         warmup_steps=0,
@@ -209,6 +235,7 @@ def train_variant(run, is_main_process: bool = True, world_size: int = 1) -> dic
     rows = load_pairs(run.upstream["03_pairs"], spec.pair_set, task)
     stage_names = spec.stages(cfg.train.stage_order)
     epsilons = smoothing_for(rows, spec, cfg.train.ual)
+    budget = stage_steps([len(stage_rows(rows, name)) for name in stage_names], cfg.train.steps[task])
 
     device = resolve_device(cfg.runtime.device)
     bf16 = resolve_dtype(cfg.model.dtype, device) == torch.bfloat16
@@ -259,7 +286,7 @@ def train_variant(run, is_main_process: bool = True, world_size: int = 1) -> dic
                                 f"train.max_length={cfg.train.max_length} tokens or more")
         set_seed(cfg.train.seed + index)
         args = _trainer_args(cfg, stage_name, run.dir / "checkpoints", spec.objective, device.type, bf16,
-                             precompute_reference=stage_reference is not None)
+                             budget[index], precompute_reference=stage_reference is not None)
         started = time.time()
         trainer = build_trainer(model, tokenizer, records, args, spec, cfg.train.reference, stage_reference)
         trainer.stage_label = f"04_train {run.variant} stage {stage_name}"
@@ -269,13 +296,15 @@ def train_variant(run, is_main_process: bool = True, world_size: int = 1) -> dic
             model.delete_adapter("ref")
             model.set_adapter("default")
         stage_curves = _log_rows(trainer.state.log_history, stage_name)
+        pairs_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world_size
         stage_log = {"stage": stage_name, "index": index + 1, "pairs": len(records), "max_length": lengths,
-                     "steps": trainer.state.global_step,
-                     "epochs": cfg.train.epochs[stage_name], "beta": cfg.train.beta[stage_name] if spec.objective == "dpo" else None,
+                     "steps": trainer.state.global_step, "steps_budget": budget[index],
+                     "epochs": round(trainer.state.global_step * pairs_per_step / len(records), 3),
+                     "beta": cfg.train.beta[stage_name] if spec.objective == "dpo" else None,
                      "reference_used": reference, "on_policy": on_policy,
                      "shared_reference_table": None if stage_reference is None else stage_reference.path.name,
                      "seconds": round(time.time() - started, 2),
-                     "pairs_per_s": round(len(records) * cfg.train.epochs[stage_name] / (time.time() - started), 3)}
+                     "pairs_per_s": round(trainer.state.global_step * pairs_per_step / (time.time() - started), 3)}
         if is_main_process:
             model.save_pretrained(stage_dir, selected_adapters=["default"])
             atomic_write_json(done_marker, {"log": stage_log, "curves": stage_curves})
