@@ -67,7 +67,7 @@ stages: $(RUN_DIR)/07_report/manifest.json
 $(RUN_DIR)/00_data/manifest.json: notebooks/00_data.ipynb udasa_lib/assets.py udasa_lib/data.py udasa_lib/io.py udasa_lib/methods.py udasa_lib/models.py udasa_lib/sentiment_reward.py udasa_lib/splits.py udasa_lib/truthful_mc.py udasa_lib/value_probe.py data/benign_instructions.jsonl
 	$(STAGE) 00_data
 
-$(RUN_DIR)/01_sample/manifest.json: $(RUN_DIR)/00_data/manifest.json notebooks/01_sample.ipynb udasa_lib/generation.py udasa_lib/io.py udasa_lib/methods.py udasa_lib/models.py udasa_lib/sample.py
+$(RUN_DIR)/01_sample/manifest.json: $(RUN_DIR)/00_data/manifest.json notebooks/01_sample.ipynb udasa_lib/generation.py udasa_lib/io.py udasa_lib/methods.py udasa_lib/models.py udasa_lib/sample.py configs/principles.yaml
 	$(STAGE) 01_sample
 
 $(RUN_DIR)/02_score/manifest.json: $(RUN_DIR)/01_sample/manifest.json notebooks/02_score.ipynb udasa_lib/assets.py udasa_lib/generation.py udasa_lib/io.py udasa_lib/methods.py udasa_lib/models.py udasa_lib/sample.py udasa_lib/score.py udasa_lib/splits.py udasa_lib/value_probe.py configs/principles.yaml

@@ -168,3 +168,42 @@ def test_a_sweep_is_shown_only_when_it_trained_on_this_runs_pairs(tmp_path):
     assert report.sweep_mismatch(sweep_dir, pairs) is None
     (sweep_dir / "points.json").write_text(json.dumps(runs))
     assert "other pairs" in report.sweep_mismatch(sweep_dir, pairs)
+
+
+def test_oracle_gain_fraction_is_the_ratio_of_mean_gains_with_a_paired_interval():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.2, 0.6, 80)
+    oracle_gain = 0.2 + rng.normal(0, 0.05, 80)
+    units = pd.concat([_units("sentiment", "reward", "base", base),
+                       _units("sentiment", "reward", "dpo_oracle", base + oracle_gain),
+                       _units("sentiment", "reward", "dpo", base + 0.5 * oracle_gain),
+                       _units("sentiment", "reward", "dpo_random", base + rng.normal(0, 0.05, 80))])
+    table = report.oracle_table(units, ["dpo", "dpo_random", "dpo_oracle"], n_resamples=500, seed=0)
+    assert list(table.method) == ["dpo", "dpo_random"]
+    dpo, random_row = table.set_index("method").loc["dpo"], table.set_index("method").loc["dpo_random"]
+    assert dpo["fraction of oracle gain"] == pytest.approx(0.5, abs=1e-9)  # the ratio of the two means
+    assert dpo["ci_low"] <= 0.5 <= dpo["ci_high"] and dpo["ci_high"] - dpo["ci_low"] < 0.1
+    assert random_row["ci_low"] < 0 < random_row["ci_high"]
+    # an oracle that gained nothing leaves nothing to divide by
+    flat = units.copy()
+    flat.loc[flat.method == "dpo_oracle", "value"] = base - 0.01
+    assert np.isnan(report.oracle_gain_fraction(flat, "sentiment", "reward", "dpo", 200, 0)["fraction of oracle gain"])
+
+
+def test_control_claims_ask_each_method_to_beat_its_control():
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.2, 0.6, 60)
+    units = pd.concat([_units("sentiment", "reward", m, base + shift + rng.normal(0, 0.01, 60))
+                       for m, shift in (("base", 0), ("dpo_oracle", 0.2), ("dpo", 0.1), ("dpo_random", 0.1),
+                                        ("udasa", 0.15), ("ual_dpo", 0.1), ("ual_dpo_const", 0.1))])
+    decided = _decided(units, claims=report.CONTROL_CLAIMS)
+    verdict = {text.split(" beats")[0]: row["verdict"] for text, row in decided.items()}
+    assert verdict["The ground-truth oracle"] == report.SUPPORTED
+    assert verdict["UDASA"] == report.SUPPORTED
+    assert verdict["DPO on uncertainty pairs"] == report.NO_DIFFERENCE
+    assert verdict["UAL-DPO"] == report.NO_DIFFERENCE
+    assert verdict["UAL-SFT"] == report.NOT_RUN

@@ -104,6 +104,9 @@ class SampleTask:
     sources: dict[str, Positive]  # data split name -> number of prompts taken from it
     max_new_tokens: Positive
     chat_template: bool  # wrap the prompt as a user turn (instruction tasks) or continue raw text
+    # of the K responses per prompt, the share drawn with the task's principle (score.value.principles) as a
+    # system message and trained on without it (context distillation); round(share * K) half up, chat tasks only
+    principle_share: UnitInterval
 
 
 @dataclass(frozen=True)
@@ -271,7 +274,11 @@ class Config:
         return dataclasses.asdict(self)
 
     def section(self, name: str) -> Any:
-        return getattr(self, name)
+        """A section, top-level key, or dotted key within one (`score.value.principles`)."""
+        node = self
+        for part in name.split("."):
+            node = getattr(node, part)
+        return node
 
 
 HASH_EXCLUDED_SECTIONS = ("runtime",)
@@ -443,6 +450,17 @@ def apply_overrides(data: dict, overrides: Mapping[str, Any]) -> dict:
     return data
 
 
+def principle_count(share: float, k: int) -> int:
+    """Responses per prompt that 01_sample draws with the principle (sample.tasks.<task>.principle_share):
+    share * k rounded half up, on the share as written (Decimal of its repr): 0.5 * 3 -> 2,
+    0.5 * 5 -> 3, and 0.58 * 25 -> 15 where the float product 14.499999999999998 would give 14.
+    Here, not in sample.py, because check_relations refuses a share strictly between 0 and 1 that
+    gives 0 or k, and config must not import a stage module."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    return int((Decimal(repr(float(share))) * k).to_integral_value(rounding=ROUND_HALF_UP))
+
+
 def check_relations(config: Config) -> None:
     """Constraints between keys that no single key's range can state."""
     data = config.data
@@ -458,6 +476,16 @@ def check_relations(config: Config) -> None:
         raise ConfigError(f"pairs.truncated.{unknown[0]}: not a task of sample.tasks ({', '.join(config.sample.tasks)})")
     if not config.sample.tasks:
         raise ConfigError("sample.tasks: at least one task is needed")
+    k = config.sample.k
+    for task, task_cfg in config.sample.tasks.items():
+        share, key = task_cfg.principle_share, f"sample.tasks.{task}.principle_share"
+        if share and not task_cfg.chat_template:
+            raise ConfigError(f"{key}: {share} needs sample.tasks.{task}.chat_template: true (the principle is a "
+                              f"system message of the chat template); a raw-text task takes 0")
+        n = principle_count(share, k)
+        if 0 < share < 1 and not 0 < n < k:
+            raise ConfigError(f"{key}: {share} x sample.k ({k}) rounds to {n} of {k} responses per prompt; a share "
+                              f"strictly between 0 and 1 must give 1 to {k - 1} (0 and 1 mean none and all)")
     for task, methods in config.train.methods.items():
         if methods and task not in config.train.steps:
             raise ConfigError(f"train.steps.{task}: missing; every task with methods needs its optimizer-step budget")

@@ -51,12 +51,17 @@ def sample_seeds(seed: int, draws: Sequence[tuple[str, int]]) -> list[int]:
     return [sample_seed(seed, prompt_id, j) for prompt_id, j in draws]
 
 
-def format_prompt(tokenizer, text: str, chat_template: bool) -> str:
-    """The prompt as the model reads it: a user turn of the chat template, or the raw text."""
+def format_prompt(tokenizer, text: str, chat_template: bool, system: str | None = None) -> str:
+    """The prompt as the model reads it: a user turn of the chat template, or the raw text.
+    `system` puts a system turn before the user turn (in place of any default system text the
+    template writes); it needs the chat template, so raw text with one raises ValueError."""
+    if system is not None and not (chat_template and tokenizer.chat_template):
+        raise ValueError("a system message needs the chat template: chat_template is off or the tokenizer has none")
     if chat_template and tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
+        messages = [{"role": "user", "content": text}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text
 
 

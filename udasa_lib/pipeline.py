@@ -84,10 +84,12 @@ STAGES: dict[str, StageSpec] = {
         ),
         StageSpec(
             "01_sample",
-            sections=("seed", "model", "sample"),
+            # the principles file: principle-prompted samples (sample.tasks.<task>.principle_share)
+            sections=("seed", "model", "sample", "score.value.principles"),
             upstream=("00_data",),
             code=("notebooks/01_sample.ipynb", "udasa_lib/generation.py", "udasa_lib/io.py",
                   "udasa_lib/methods.py", "udasa_lib/models.py", "udasa_lib/sample.py"),
+            inputs=("configs/principles.yaml",),
         ),
         StageSpec(
             "02_score",

@@ -83,6 +83,22 @@ CLAIMS: tuple[Claim, ...] = (
           "silhouette_token_last", "ual_dpo", "dpo", True),
 )
 
+# What the controls say a method must show for its mechanism to matter (docs/method.md, "Controls"):
+# tested in their own Holm family, so adding controls does not dilute the papers' claims.
+CONTROL_CLAIMS: tuple[Claim, ...] = (
+    Claim("control", "DPO on uncertainty pairs beats the same pairs in a random direction", "sentiment", "reward",
+          "dpo", "dpo_random", True),
+    Claim("control", "UDASA beats the same pairs in a random direction", "sentiment", "reward", "udasa",
+          "dpo_random", True),
+    Claim("control", "UAL-DPO beats DPO with UAL's mean epsilon on every pair", "sentiment", "reward", "ual_dpo",
+          "ual_dpo_const", True),
+    Claim("control", "UAL-SFT beats SFT with UAL's mean epsilon on every pair", "sentiment", "reward", "ual_sft",
+          "ual_sft_const", True),
+    Claim("control", "The ground-truth oracle beats base (the budget can move the reward)", "sentiment", "reward",
+          "dpo_oracle", "base", True),
+)
+ORACLE = "dpo_oracle"
+
 # The metrics every trained method is compared with base on (the controls table), and which way is better.
 CONTROL_METRICS: dict[str, tuple[tuple[str, bool], ...]] = {
     "alignment": (("harmful_compliance_rate", False), ("harmful_refusal_rate", True),
@@ -272,6 +288,41 @@ def control_rows(units: pd.DataFrame, methods: Mapping[str, Sequence[str]], vali
     return rows
 
 
+def oracle_gain_fraction(units: pd.DataFrame, task: str, metric: str, method: str, n_resamples: int,
+                         seed: int, oracle: str = ORACLE) -> dict | None:
+    """mean(method - base) / mean(oracle - base) over the same units: the share of the positive
+    control's gain over base a method reaches (1 = as much as learning from the ground truth), with a
+    95 % percentile bootstrap interval resampling units jointly (scipy.stats.bootstrap, paired).
+    None when a policy is missing; the interval is NaN when the oracle's gain is not positive in
+    every resample's mean, where the ratio has no meaning."""
+    from scipy.stats import bootstrap
+
+    gains = [paired_values(units, task, metric, m, "base") for m in (method, oracle)]
+    if any(g is None for g in gains):
+        return None
+    method_gain, oracle_gain = (a - b for a, b in gains)
+
+    def ratio(m, o, axis=-1):
+        return np.mean(m, axis=axis) / np.mean(o, axis=axis)
+
+    point = float(ratio(method_gain, oracle_gain)) if oracle_gain.mean() > 0 else float("nan")
+    low = high = float("nan")
+    if oracle_gain.mean() > 0 and len(oracle_gain) > 1:
+        result = bootstrap((method_gain, oracle_gain), ratio, paired=True, vectorized=True, n_resamples=n_resamples,
+                           method="percentile", rng=np.random.default_rng(seed))
+        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return {"method": method, "n": int(len(method_gain)), "gain over base": float(method_gain.mean()),
+            "oracle gain over base": float(oracle_gain.mean()), "fraction of oracle gain": point,
+            "ci_low": low, "ci_high": high}
+
+
+def oracle_table(units: pd.DataFrame, methods: Sequence[str], n_resamples: int, seed: int,
+                 task: str = "sentiment", metric: str = "reward") -> pd.DataFrame:
+    """`oracle_gain_fraction` of every trained method of `task` but the oracle itself."""
+    rows = [oracle_gain_fraction(units, task, metric, m, n_resamples, seed) for m in methods if m != ORACLE]
+    return pd.DataFrame([r for r in rows if r is not None])
+
+
 def pooled_units(unit_tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
     """Per-unit values pooled over runs (seeds): each unit's mean over the runs that measured it.
     The seeds share their prompts and evaluation seeds, so (prompt x seed) values of one prompt are
@@ -355,6 +406,8 @@ def cut_table(stage_summary: dict) -> pd.DataFrame:
 REPORT_FILE = "REPORT.md"
 CLAIMS_FILE = "claims.csv"
 CONTROLS_FILE = "controls.csv"
+CONTROL_CLAIMS_FILE = "control_claims.csv"
+ORACLE_FILE = "oracle_fraction.csv"
 TABLE_FILE = "results_table.csv"
 FIGURE_SOURCES = {  # figure -> the upstream stage that draws it
     "harmless.png": "05_eval_harmless", "winrate.png": "05_eval_winrate", "lmeval.png": "05_eval_lmeval",
@@ -404,6 +457,8 @@ def write_report(run) -> dict:
     claim_results = decided(claim_rows(units, validity, judge, n_resamples, seed) + prelim_rows(prelim, validity))
     control_results = decided(control_rows(units, trained, validity, judge, n_resamples, seed), directional=False)
     claims, controls = render(claim_results), render(control_results, label="comparison")
+    against_controls = render(decided(claim_rows(units, validity, judge, n_resamples, seed, CONTROL_CLAIMS)))
+    oracle = oracle_table(units, trained.get("sentiment", []), n_resamples, seed)
     inferred = inferred_choices_table(resolved["config"])
 
     figures_dir = run.dir / "figures"
@@ -468,6 +523,19 @@ def write_report(run) -> dict:
            f"by {family}: raise `bootstrap_samples` for any claim to pass."
            if family * 2 / (n_resamples + 1) >= settings.alpha else ""), "",
         markdown(claims),
+        "## Against the controls", "",
+        "The controls of `udasa_lib/methods.py` on the sentiment task, where the ground truth exists, as directional "
+        "claims in their own Holm family: `dpo_oracle` learns from pairs the ground-truth reward labels (best vs worst "
+        "of the same K samples, DPO App. C), so it bounds what self-labelling can reach at this training budget; "
+        "`dpo_random` trains on the combined pairs with each direction a seeded coin flip, so a method that does "
+        "not beat it gains nothing from the uncertainty's direction; `ual_*_const` give every pair UAL's mean "
+        "epsilon, so UAL must beat them for the smoothing to be uncertainty-aware rather than just smoothing. "
+        "Read the oracle's row first: if it does not beat base, nothing in this run could have moved.", "",
+        markdown(against_controls),
+        "Share of the oracle's gain over base each method reaches (`mean(method - base) / mean(oracle - base)` "
+        "over the same prompts, 95 % paired bootstrap interval; 1 = as much as learning from the ground truth, "
+        "0 = none, below 0 = worse than base):", "",
+        markdown(oracle.round(3)),
     ]
     if not pooled.empty:
         lines += ["### Pooled over training seeds", "",
@@ -507,9 +575,12 @@ def write_report(run) -> dict:
     report_path = atomic_write_text(run.dir / REPORT_FILE, "\n".join(lines))
     atomic_write_text(run.dir / CLAIMS_FILE, claims.to_csv(index=False))
     atomic_write_text(run.dir / CONTROLS_FILE, controls.to_csv(index=False))
+    atomic_write_text(run.dir / CONTROL_CLAIMS_FILE, against_controls.to_csv(index=False))
+    atomic_write_text(run.dir / ORACLE_FILE, oracle.to_csv(index=False))
     atomic_write_text(run.dir / TABLE_FILE, table.to_csv(index=False))
     pipeline.link(run_dir / "report", run.dir)
     run.add_to_manifest(verdicts=counts, figures=figures)
     return {"path": run_dir / "report" / REPORT_FILE, "claims": claims, "controls": controls, "pooled": pooled,
+            "against_controls": against_controls, "oracle": oracle,
             "wide": wide, "inferred": inferred, "times": times, "validity": validity_table,
             "report_path": report_path}

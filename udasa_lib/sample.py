@@ -12,6 +12,14 @@ not the sampling distribution. The EOS token, when produced, is part of the resp
 cut at max_new_tokens has none (finish_reason "length").
 Under `accelerate launch` (runtime.num_processes > 1), or in `runtime.workers` spawned processes
 on CPU, rank r takes batches b with b % world == r.
+
+Principle-prompted samples (`sample.tasks.<task>.principle_share`, docs/method.md): of each
+prompt's K responses the first n = `config.principle_count(share, K)` are drawn from the prompt
+with the task's principle (score.value.principles) as a system message, in a generate call of
+their own seeded from (seed, "<task>/principle", batch index); the other K - n as above. The record's
+formatted_prompt and prompt_token_ids are the plain prompt for all K, so 03_pairs and 04_train
+train every response without the principle (context distillation); each response says
+`principle: true/false`. Share 0 draws exactly what the stage drew before the option existed.
 """
 from __future__ import annotations
 
@@ -24,12 +32,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from udasa_lib import generation
+from udasa_lib.config import principle_count  # the rule config validation applies
 from udasa_lib.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 
 PROMPT_SCHEMA = {"id": str, "text": str}
 SAMPLE_SCHEMA = {"prompt_id": str, "task": str, "prompt": str, "formatted_prompt": str, "prompt_token_ids": list,
                  "responses": list}
-RESPONSE_SCHEMA = {"sample_id": str, "text": str, "token_ids": list, "token_logprobs": list, "finish_reason": str}
+RESPONSE_SCHEMA = {"sample_id": str, "text": str, "token_ids": list, "token_logprobs": list, "finish_reason": str,
+                   "principle": bool}
 SAMPLES_FILE = "samples.jsonl"
 
 
@@ -42,6 +52,20 @@ def select_prompts(data_dir: Path, sources: dict[str, int]) -> list[dict]:
             raise ValueError(f"sample.tasks: split {split!r} has {len(records)} prompts, {count} requested")
         prompts.extend(records[:count])
     return prompts
+
+
+def load_principles(path: str) -> dict[str, str]:
+    """The principles file (score.value.principles): task -> principle text. 01_sample puts it in
+    a system turn (principle_share); 02_score's self_judge asks it as a question."""
+    import yaml
+
+    from udasa_lib.models import resolve_name_or_path
+
+    resolved = resolve_name_or_path(path)
+    principles = yaml.safe_load(open(resolved)) or {}
+    if not isinstance(principles, dict) or not all(isinstance(v, str) for v in principles.values()):
+        raise ValueError(f"{path}: expected a mapping task -> principle text")
+    return principles
 
 
 def generate_batch(
@@ -59,9 +83,11 @@ def generate_batch(
 def sample_record(prompt_id: str, task: str, prompt: str, formatted_prompt: str, prompt_ids: Sequence[int],
                   responses: list[dict], sample_id_prefix: str, meta: dict | None = None) -> dict:
     """One samples.jsonl record (SAMPLE_SCHEMA): the prompt as text and as the ids it was fed as,
-    its responses numbered `<prefix>-s<j>`. 01_sample and the on-policy rounds both build them here."""
+    its responses numbered `<prefix>-s<j>`. 01_sample and the on-policy rounds both build them here.
+    A response that does not say otherwise was drawn from `formatted_prompt` itself (principle false)."""
     for j, response in enumerate(responses):
         response["sample_id"] = f"{sample_id_prefix}-s{j}"
+        response.setdefault("principle", False)
     return {"prompt_id": prompt_id, "task": task, "prompt": prompt, "formatted_prompt": formatted_prompt,
             "prompt_token_ids": list(prompt_ids), "responses": responses, "meta": dict(meta or {})}
 
@@ -77,6 +103,16 @@ def sample_task(run, task: str, model, tokenizer, rank: int = 0, world: int = 1,
     cfg = run.config.sample
     task_cfg = cfg.tasks[task]
     prompts = select_prompts(run.upstream["00_data"], task_cfg.sources)
+    n_principle = principle_count(task_cfg.principle_share, cfg.k)
+    principle = None
+    if n_principle:
+        principles = load_principles(run.config.score.value.principles)
+        if task not in principles:
+            raise ValueError(f"sample.tasks.{task}.principle_share: score.value.principles "
+                             f"({run.config.score.value.principles}) has no principle for task {task!r}")
+        principle = principles[task]
+    settings = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                    max_new_tokens=task_cfg.max_new_tokens, engine=run.config.runtime.generation_engine)
     batches = [prompts[i: i + cfg.batch_prompts] for i in range(0, len(prompts), cfg.batch_prompts)]
     mine = [b for b in range(len(batches)) if b % world == rank]
     todo = [b for b in mine if not _shard_path(run.dir, task, b).exists()]
@@ -85,11 +121,21 @@ def sample_task(run, task: str, model, tokenizer, rank: int = 0, world: int = 1,
         batch = batches[b]
         formatted = [generation.format_prompt(tokenizer, p["text"], task_cfg.chat_template) for p in batch]
         prompt_ids = [generation.encode_prompt(tokenizer, text) for text in formatted]
-        generations = generate_batch(
-            model, tokenizer, prompt_ids, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            max_new_tokens=task_cfg.max_new_tokens, seed=generation.batch_seed(run.config.seed, task, b),
-            engine=run.config.runtime.generation_engine,
-        )
+        generations = [[] for _ in batch]
+        if n_principle < cfg.k:  # with share 0: the one call, seed and k the stage always made
+            generations = [[dict(r, principle=False) for r in responses] for responses in generate_batch(
+                model, tokenizer, prompt_ids, k=cfg.k - n_principle,
+                seed=generation.batch_seed(run.config.seed, task, b), **settings)]
+        if n_principle:
+            # Drawn in the principle's context, so their token_logprobs are log pi(y | principle, x),
+            # not log pi(y | x): the context they were sampled in (02_score's weighted semantic
+            # probability reads them as such). The record keeps the plain prompt to train on.
+            contexts = [generation.encode_prompt(tokenizer, generation.format_prompt(
+                tokenizer, p["text"], task_cfg.chat_template, system=principle)) for p in batch]
+            drawn = generate_batch(model, tokenizer, contexts, k=n_principle,
+                                   seed=generation.batch_seed(run.config.seed, f"{task}/principle", b), **settings)
+            generations = [[dict(r, principle=True) for r in with_principle] + plain
+                           for with_principle, plain in zip(drawn, generations)]
         records = [sample_record(p["id"], task, p["text"], text, ids, responses, p["id"],
                                  {key: value for key, value in p.items() if key not in ("id", "text")})
                    for p, text, ids, responses in zip(batch, formatted, prompt_ids, generations)]
@@ -142,6 +188,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "max_tokens": max(lengths),
             "empty_share": round(sum(1 for r in responses if not r["text"]) / len(responses), 3),
             "truncated_share": round(sum(1 for r in responses if r["finish_reason"] == "length") / len(responses), 3),
+            "principle_share": round(sum(1 for r in responses if r["principle"]) / len(responses), 3),
         })
     return rows
 

@@ -27,6 +27,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+# the principles file is read first by 01_sample (principle_share), the upstream stage
+from udasa_lib.sample import load_principles  # noqa: F401  (score_with_config, bench)
+
 DIMENSIONS = ("semantic", "factual", "value")
 SCORE_SCHEMA = {"prompt_id": str, "task": str, "sample_ids": list, "semantic": dict, "factual": dict, "value": dict}
 SCORES_FILE = "scores.jsonl"
@@ -361,18 +364,6 @@ def score_samples(records: list[dict], score_cfg, model_cfg, runtime, principles
                                   "u": [float(1 - v) for v in p]}
     report["seconds"]["total"] = round(time.time() - started, 2)
     return scored, report
-
-
-def load_principles(path: str) -> dict[str, str]:
-    import yaml
-
-    from udasa_lib.models import resolve_name_or_path
-
-    resolved = resolve_name_or_path(path)
-    principles = yaml.safe_load(open(resolved)) or {}
-    if not isinstance(principles, dict) or not all(isinstance(v, str) for v in principles.values()):
-        raise ValueError(f"{path}: expected a mapping task -> principle text")
-    return principles
 
 
 def score_with_config(records: list[dict], run, progress: bool = True) -> tuple[list[dict], dict]:
