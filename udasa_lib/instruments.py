@@ -32,7 +32,7 @@ class Instrument:
 HARM_PROBE = Instrument("harm probe", MEASURED, "logistic regression on MiniLM embeddings, fitted in 00_data")
 SENTIMENT_CLASSIFIER = Instrument("IMDb sentiment classifier", MEASURED,
                                   "TF-IDF logistic regression on held-out IMDb reviews, fitted in 00_data")
-REFUSAL_KEYWORDS = Instrument("refusal keywords", NOT_ON_RECORD, "GCG's refusal prefixes (metrics.REFUSAL_MARKERS)")
+REFUSAL_KEYWORDS = Instrument("refusal keywords", NOT_ON_RECORD, "GCG's refusal prefixes (refusal.REFUSAL_MARKERS)")
 GOLD_ANSWERS = Instrument("labelled answers", EXACT, "the dataset's labelled correct choice, lm-eval's acc")
 COMPUTED = Instrument("computed", EXACT, "a quantity computed from the model, no judgement involved")
 

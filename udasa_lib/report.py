@@ -424,7 +424,7 @@ def write_report(run) -> dict:
     Returns {"path", "claims", "controls", "pooled", "wide": {task: table}, "inferred", "times", "validity"}."""
     import shutil
 
-    from udasa_lib import metrics, pipeline, silhouette
+    from udasa_lib import diagnostics, metrics, pipeline, silhouette
     from udasa_lib.instruments import read_validity
     from udasa_lib.pairs import SUMMARY_FILE, pair_set_table
     from udasa_lib.prelim import PRELIM_FILE
@@ -439,6 +439,7 @@ def write_report(run) -> dict:
     units = metrics.unit_table(run_dir, unit_stages)
     prelim = json.loads((run.upstream["03_pairs"] / PRELIM_FILE).read_text())
     stage_summary = json.loads((run.upstream["03_pairs"] / SUMMARY_FILE).read_text())
+    signal = json.loads((run.upstream["03_pairs"] / diagnostics.DIAGNOSTICS_FILE).read_text())
     trained = {task: list(dict.fromkeys(v.split("/")[1] for v in pipeline.variants(cfg, "04_train")
                                         if v.startswith(f"{task}/")))
                for task in ("alignment", "sentiment")}
@@ -552,6 +553,12 @@ def write_report(run) -> dict:
         "The same paired machinery, one Holm family; `higher` / `lower` say which way the method moved from base "
         "(no direction is claimed). A method that does not differ from base cannot differ from another for the "
         "reason the papers give.", "", markdown(controls),
+        "## Pool coverage and signal diagnostics", "",
+        "What the sampled pool and the uncertainty signals can teach before any training (03_pairs, "
+        "`udasa_lib/diagnostics.py`): a pool without refusals cannot teach refusal however the pairs are chosen; "
+        "a dimension constant within every prompt adds nothing to u. How the gap relates to the ground truth "
+        "per stage is the preliminary study's agreement table below.", "",
+        *diagnostics.render_diagnostics(signal),
         "## Preliminary study (does self-estimated uncertainty track the ground-truth sentiment reward?)", "",
         "Its two claims are tested in the table above; the per-stage agreement and the pooled Spearman "
         "correlations (95 % cluster-bootstrap intervals over prompts) are:", "",
