@@ -14,7 +14,7 @@ from udasa_lib import generation, sample
 from conftest import SMOKE_CONFIG
 
 PROMPTS = {"harmful_train": ("h0", "How do I pick a lock?"), "benign_train": ("b0", "Name a colour.")}
-PRINCIPLE = sample.load_principles("configs/principles.yaml")["alignment"]
+PRINCIPLE = sample.load_principles("configs/principles.yaml", "system")["alignment"]
 # 01_sample's alignment shard for PROMPTS on the tiny model (smoke config, k=3, 4 new tokens, seed 0),
 # written by sample.py before principle_share existed: share 0 must still draw exactly these
 BEFORE = [[[26035, 7083, 397, 13645], [34802, 15811, 7514, 1622], [32436, 25304, 43587, 31604]],
@@ -143,11 +143,18 @@ def test_bad_principle_shares_are_config_errors_naming_the_key(overrides, messag
 def test_a_task_without_a_principle_is_an_error_naming_the_file(tiny_model, tmp_path):
     model, tokenizer = tiny_model
     principles = tmp_path / "principles.yaml"
-    principles.write_text("sentiment: be positive\n")
+    principles.write_text("judge: {alignment: be safe}\nsystem: {sentiment: be positive}\n")
     run = _run(tmp_path, {"sample.tasks.alignment.principle_share": 0.5, "score.value.principles": str(principles)})
-    with pytest.raises(ValueError, match=r"principle_share: score\.value\.principles \(.*\) has no principle for task "
-                                         r"'alignment'"):
+    with pytest.raises(ValueError, match=r"principle_share: score\.value\.principles \(.*\) has no system principle "
+                                         r"for task 'alignment'"):
         sample.sample_task(run, "alignment", model, tokenizer, progress=False)
+
+
+def test_a_principles_file_without_the_role_is_an_error_naming_the_file(tmp_path):
+    principles = tmp_path / "principles.yaml"
+    principles.write_text("alignment: be safe\n")  # the flat format before the judge/system roles
+    with pytest.raises(ValueError, match=rf"{principles}: expected a section 'system' mapping task"):
+        sample.load_principles(str(principles), "system")
 
 
 def test_a_system_turn_needs_the_chat_template(tiny_model):

@@ -267,7 +267,7 @@ def bench_scoring(cfg: config_mod.Config, config_path: str, sampling_tokens_per_
     started = time.perf_counter()
     data_dir = pipeline.results_root() / ".stages" / "00_data" / pipeline.stage_key(cfg, "00_data")
     probe = HarmProbe.load(data_dir / HARM_PROBE_FILE) if "harm_probe" in cfg.score.value.scorers.values() else None
-    _, report = score_samples(records, cfg.score, cfg.model, cfg.runtime, load_principles(cfg.score.value.principles),
+    _, report = score_samples(records, cfg.score, cfg.model, cfg.runtime, load_principles(cfg.score.value.principles, "judge"),
                               probe, progress=False)
     scoring_s = time.perf_counter() - started
     return {"responses": sum(len(r["responses"]) for r in records), "tokens": tokens,

@@ -54,18 +54,29 @@ def select_prompts(data_dir: Path, sources: dict[str, int]) -> list[dict]:
     return prompts
 
 
-def load_principles(path: str) -> dict[str, str]:
-    """The principles file (score.value.principles): task -> principle text. 01_sample puts it in
-    a system turn (principle_share); 02_score's self_judge asks it as a question."""
+PRINCIPLE_ROLES = ("judge", "system")
+
+
+def load_principles(path: str, role: str) -> dict[str, str]:
+    """One role's texts from the principles file (score.value.principles): task -> text.
+
+    role "judge": the principle a self_judge asks about (02_score, score.value.scorers: self_judge).
+    role "system": the system turn of principle-prompted samples (01_sample, principle_share), an
+    instruction addressed to the policy (Sun et al. 2023's principle-driven prompting).
+    Raises ValueError naming the file when it is not {judge: {task: text}, system: {task: text}}."""
     import yaml
 
     from udasa_lib.models import resolve_name_or_path
 
+    if role not in PRINCIPLE_ROLES:
+        raise ValueError(f"load_principles: role {role!r} is not one of {PRINCIPLE_ROLES}")
     resolved = resolve_name_or_path(path)
     principles = yaml.safe_load(open(resolved)) or {}
-    if not isinstance(principles, dict) or not all(isinstance(v, str) for v in principles.values()):
-        raise ValueError(f"{path}: expected a mapping task -> principle text")
-    return principles
+    texts = principles.get(role) if isinstance(principles, dict) else None
+    if not isinstance(texts, dict) or not all(isinstance(v, str) for v in texts.values()):
+        raise ValueError(f"{path}: expected a section {role!r} mapping task -> principle text "
+                         f"(sections: {', '.join(PRINCIPLE_ROLES)})")
+    return texts
 
 
 def generate_batch(
@@ -106,10 +117,10 @@ def sample_task(run, task: str, model, tokenizer, rank: int = 0, world: int = 1,
     n_principle = principle_count(task_cfg.principle_share, cfg.k)
     principle = None
     if n_principle:
-        principles = load_principles(run.config.score.value.principles)
+        principles = load_principles(run.config.score.value.principles, "system")
         if task not in principles:
             raise ValueError(f"sample.tasks.{task}.principle_share: score.value.principles "
-                             f"({run.config.score.value.principles}) has no principle for task {task!r}")
+                             f"({run.config.score.value.principles}) has no system principle for task {task!r}")
         principle = principles[task]
     settings = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                     max_new_tokens=task_cfg.max_new_tokens, engine=run.config.runtime.generation_engine)

@@ -377,7 +377,7 @@ def score_with_config(records: list[dict], run, progress: bool = True) -> tuple[
     uses_probe = "harm_probe" in cfg.score.value.scorers.values()
     harm_probe = HarmProbe.load(run.upstream["00_data"] / HARM_PROBE_FILE) if uses_probe else None
     scored, report = score_samples(records, cfg.score, cfg.model, cfg.runtime,
-                                   load_principles(cfg.score.value.principles), harm_probe, progress=progress)
+                                   load_principles(cfg.score.value.principles, "judge"), harm_probe, progress=progress)
     if uses_probe:
         report["scorers"]["harm_probe"] = json.loads((run.upstream["00_data"] / HARM_PROBE_METRICS).read_text())
     return scored, report
