@@ -50,8 +50,7 @@ def test_principle_count_rounds_half_up():
 
 def test_share_zero_draws_what_the_stage_drew_before(tiny_model, tmp_path):
     model, tokenizer = tiny_model
-    run = _run(tmp_path)
-    assert run.config.sample.tasks["alignment"].principle_share == 0.0
+    run = _run(tmp_path, {"sample.tasks.alignment.principle_share": 0.0})
     records = _sample(run, model, tokenizer)
     assert [[r["token_ids"] for r in record["responses"]] for record in records] == BEFORE
     assert not any(r["principle"] for record in records for r in record["responses"])
@@ -116,10 +115,13 @@ def test_principle_responses_per_prompt_are_share_times_k_rounded(tiny_model, tm
     assert row["principle_share"] == round(n / k, 3)
 
 
-def test_default_share_is_zero_for_every_task():
-    for path in (SMOKE_CONFIG, SMOKE_CONFIG.parent / "default.yaml"):
-        tasks = config_mod.resolve(path).sample.tasks
-        assert {task: t.principle_share for task, t in tasks.items()} == {task: 0.0 for task in tasks}
+def test_shares_of_the_shipped_configs():
+    """default.yaml: half of alignment's K (chosen by measurement, README "Pool coverage"), none on
+    raw-text sentiment; paper.yaml: the paper's plain sampling."""
+    shares = {path.name: {task: t.principle_share for task, t in config_mod.resolve(path).sample.tasks.items()}
+              for path in (SMOKE_CONFIG.parent / "default.yaml", SMOKE_CONFIG.parent / "paper.yaml")}
+    assert shares == {"default.yaml": {"alignment": 0.5, "sentiment": 0.0},
+                      "paper.yaml": {"alignment": 0.0, "sentiment": 0.0}}
 
 
 @pytest.mark.parametrize("overrides, message", [

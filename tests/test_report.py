@@ -201,8 +201,10 @@ def test_control_claims_ask_each_method_to_beat_its_control():
                        for m, shift in (("base", 0), ("dpo_oracle", 0.2), ("dpo", 0.1), ("dpo_random", 0.1),
                                         ("udasa", 0.15), ("ual_dpo", 0.1), ("ual_dpo_const", 0.1))])
     decided = _decided(units, claims=report.CONTROL_CLAIMS)
-    verdict = {text.split(" beats")[0]: row["verdict"] for text, row in decided.items()}
+    verdict = {text.split(" beats")[0] + (" vs random" if "direction matters" in text else ""): row["verdict"]
+               for text, row in decided.items()}
     assert verdict["The ground-truth oracle"] == report.SUPPORTED
+    assert verdict["The ground-truth oracle vs random"] == report.SUPPORTED
     assert verdict["UDASA"] == report.SUPPORTED
     assert verdict["DPO on uncertainty pairs"] == report.NO_DIFFERENCE
     assert verdict["UAL-DPO"] == report.NO_DIFFERENCE

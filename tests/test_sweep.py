@@ -53,3 +53,13 @@ def test_the_seeds_sweep_reaches_every_evaluation():
         reached.add(stage)
         frontier += [u for u in pipeline.STAGES[stage].upstream if u not in reached]
     assert {s for s in pipeline.STAGES if s.startswith("05_eval_")} <= reached
+
+
+@pytest.mark.parametrize("name", ["budget", "principle_share", "seeds", "sentiment_beta", "smoke_beta"])
+def test_every_shipped_sweep_resolves_at_every_point(name):
+    from udasa_lib import REPO_ROOT
+    from udasa_lib import config as config_mod
+
+    loaded = sweep.load_sweep(REPO_ROOT / "configs" / "sweeps" / f"{name}.yaml")
+    for point in sweep.points(loaded):
+        config_mod.resolve(REPO_ROOT / loaded.config, {**loaded.fixed, **sweep.point_overrides(loaded, point)})

@@ -96,6 +96,10 @@ CONTROL_CLAIMS: tuple[Claim, ...] = (
           "ual_sft_const", True),
     Claim("control", "The ground-truth oracle beats base (the budget can move the reward)", "sentiment", "reward",
           "dpo_oracle", "base", True),
+    # DPO on coin-flip directions also moves the reward (a generic effect of training on these
+    # samples): only the part of the oracle's gain above this is due to the preference direction
+    Claim("control", "The ground-truth oracle beats random directions (the direction matters)", "sentiment", "reward",
+          "dpo_oracle", "dpo_random", True),
 )
 ORACLE = "dpo_oracle"
 
