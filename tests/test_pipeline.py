@@ -99,6 +99,14 @@ def test_makefile_rules_match_the_stage_registry():
         assert rule is not None, f"Makefile has no rule for {spec.name}"
         deps = set(rule.split(":", 1)[1].split())
         assert set(spec.code) | set(spec.inputs) <= deps, spec.name
+        # make must also wait for every direct upstream stage (its manifest, or the variables that
+        # list all its manifests), or `make -j` starts a stage before what it reads exists
+        direct = [u for u in spec.upstream if not any(u in pipeline.STAGES[v].upstream for v in spec.upstream)]
+        for upstream in direct:
+            accepted = {f"$(RUN_DIR)/{upstream}/manifest.json"}
+            accepted |= {"$(TRAINED)"} if pipeline.STAGES[upstream].variants else set()
+            accepted |= {"$(EVALUATED)"} if upstream.startswith("05_eval_") else set()
+            assert accepted & deps, f"Makefile rule of {spec.name} does not wait for {upstream}"
 
 
 RUNNER = {"udasa_lib/pipeline.py", "udasa_lib/config.py"}  # the machinery that computes keys, not stage code
