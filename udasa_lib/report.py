@@ -562,7 +562,7 @@ def write_report(run) -> dict:
         "`udasa_lib/diagnostics.py`): a pool without refusals cannot teach refusal however the pairs are chosen; "
         "a dimension constant within every prompt adds nothing to u. How the gap relates to the ground truth "
         "per stage is the preliminary study's agreement table below.", "",
-        *diagnostics.render_diagnostics(signal),
+        *diagnostics.render_diagnostics(signal), "",
         "## Preliminary study (does self-estimated uncertainty track the ground-truth sentiment reward?)", "",
         "Its two claims are tested in the table above; the per-stage agreement and the pooled Spearman "
         "correlations (95 % cluster-bootstrap intervals over prompts) are:", "",
