@@ -82,10 +82,10 @@ $(RUN_DIR)/03_pairs/manifest.json: $(RUN_DIR)/02_score/manifest.json notebooks/0
 $(RUN_DIR)/04_train/%/manifest.json: $(RUN_DIR)/03_pairs/manifest.json notebooks/04_train.ipynb udasa_lib/assets.py udasa_lib/generation.py udasa_lib/io.py udasa_lib/methods.py udasa_lib/models.py udasa_lib/on_policy.py udasa_lib/pairs.py udasa_lib/reference_logps.py udasa_lib/sample.py udasa_lib/score.py udasa_lib/splits.py udasa_lib/train.py udasa_lib/trainers.py udasa_lib/ual.py udasa_lib/value_probe.py
 	$(STAGE) 04_train --variant $*
 
-$(RUN_DIR)/05_eval_harmless/manifest.json: $(RUN_DIR)/00_data/manifest.json $(TRAINED) notebooks/05_eval_harmless.ipynb udasa_lib/assets.py udasa_lib/eval_harmless.py udasa_lib/generation.py udasa_lib/io.py udasa_lib/methods.py udasa_lib/metrics.py udasa_lib/models.py udasa_lib/policies.py udasa_lib/refusal.py udasa_lib/splits.py udasa_lib/stats.py udasa_lib/value_probe.py
+$(RUN_DIR)/05_eval_harmless/manifest.json: $(RUN_DIR)/00_data/manifest.json $(TRAINED) notebooks/05_eval_harmless.ipynb udasa_lib/judges.py udasa_lib/sample.py udasa_lib/score.py udasa_lib/assets.py udasa_lib/eval_harmless.py udasa_lib/generation.py udasa_lib/io.py udasa_lib/methods.py udasa_lib/metrics.py udasa_lib/models.py udasa_lib/policies.py udasa_lib/refusal.py udasa_lib/splits.py udasa_lib/stats.py udasa_lib/value_probe.py
 	$(STAGE) 05_eval_harmless
 
-$(RUN_DIR)/05_eval_winrate/manifest.json: $(RUN_DIR)/05_eval_harmless/manifest.json notebooks/05_eval_winrate.ipynb udasa_lib/assets.py udasa_lib/eval_harmless.py udasa_lib/eval_winrate.py udasa_lib/generation.py udasa_lib/io.py udasa_lib/methods.py udasa_lib/metrics.py udasa_lib/models.py udasa_lib/policies.py udasa_lib/refusal.py udasa_lib/splits.py udasa_lib/stats.py udasa_lib/value_probe.py
+$(RUN_DIR)/05_eval_winrate/manifest.json: $(RUN_DIR)/05_eval_harmless/manifest.json notebooks/05_eval_winrate.ipynb udasa_lib/judges.py udasa_lib/sample.py udasa_lib/score.py udasa_lib/assets.py udasa_lib/eval_harmless.py udasa_lib/eval_winrate.py udasa_lib/generation.py udasa_lib/io.py udasa_lib/methods.py udasa_lib/metrics.py udasa_lib/models.py udasa_lib/policies.py udasa_lib/refusal.py udasa_lib/splits.py udasa_lib/stats.py udasa_lib/value_probe.py
 	$(STAGE) 05_eval_winrate
 
 $(RUN_DIR)/05_eval_lmeval/manifest.json: $(RUN_DIR)/00_data/manifest.json $(TRAINED) notebooks/05_eval_lmeval.ipynb udasa_lib/assets.py udasa_lib/data.py udasa_lib/eval_lmeval.py udasa_lib/generation.py udasa_lib/io.py udasa_lib/methods.py udasa_lib/metrics.py udasa_lib/models.py udasa_lib/policies.py udasa_lib/refusal.py udasa_lib/sentiment_reward.py udasa_lib/splits.py udasa_lib/stats.py udasa_lib/truthful_mc.py udasa_lib/value_probe.py udasa_lib/lm_eval_tasks/udasa_truthful_mc.yaml
@@ -94,10 +94,13 @@ $(RUN_DIR)/05_eval_lmeval/manifest.json: $(RUN_DIR)/00_data/manifest.json $(TRAI
 $(RUN_DIR)/05_eval_sentiment/manifest.json: $(RUN_DIR)/00_data/manifest.json $(TRAINED) notebooks/05_eval_sentiment.ipynb udasa_lib/assets.py udasa_lib/data.py udasa_lib/eval_sentiment.py udasa_lib/generation.py udasa_lib/io.py udasa_lib/methods.py udasa_lib/metrics.py udasa_lib/models.py udasa_lib/policies.py udasa_lib/refusal.py udasa_lib/sentiment_reward.py udasa_lib/splits.py udasa_lib/stats.py udasa_lib/truthful_mc.py udasa_lib/value_probe.py
 	$(STAGE) 05_eval_sentiment
 
-$(RUN_DIR)/06_silhouette/manifest.json: $(TRAINED) $(RUN_DIR)/05_eval_harmless/manifest.json notebooks/06_silhouette.ipynb udasa_lib/assets.py udasa_lib/eval_harmless.py udasa_lib/generation.py udasa_lib/io.py udasa_lib/methods.py udasa_lib/metrics.py udasa_lib/models.py udasa_lib/policies.py udasa_lib/refusal.py udasa_lib/silhouette.py udasa_lib/splits.py udasa_lib/stats.py udasa_lib/value_probe.py
+$(RUN_DIR)/05_validity/manifest.json: $(RUN_DIR)/00_data/manifest.json notebooks/05_validity.ipynb udasa_lib/assets.py udasa_lib/eval_harmless.py udasa_lib/eval_winrate.py udasa_lib/generation.py udasa_lib/instruments.py udasa_lib/io.py udasa_lib/judges.py udasa_lib/methods.py udasa_lib/metrics.py udasa_lib/models.py udasa_lib/policies.py udasa_lib/refusal.py udasa_lib/sample.py udasa_lib/score.py udasa_lib/splits.py udasa_lib/stats.py udasa_lib/validity.py udasa_lib/value_probe.py
+	$(STAGE) 05_validity
+
+$(RUN_DIR)/06_silhouette/manifest.json: $(TRAINED) $(RUN_DIR)/05_eval_harmless/manifest.json notebooks/06_silhouette.ipynb udasa_lib/judges.py udasa_lib/sample.py udasa_lib/score.py udasa_lib/assets.py udasa_lib/eval_harmless.py udasa_lib/generation.py udasa_lib/io.py udasa_lib/methods.py udasa_lib/metrics.py udasa_lib/models.py udasa_lib/policies.py udasa_lib/refusal.py udasa_lib/silhouette.py udasa_lib/splits.py udasa_lib/stats.py udasa_lib/value_probe.py
 	$(STAGE) 06_silhouette
 
-$(RUN_DIR)/07_report/manifest.json: $(RUN_DIR)/03_pairs/manifest.json $(EVALUATED) $(RUN_DIR)/06_silhouette/manifest.json notebooks/07_report.ipynb udasa_lib/assets.py udasa_lib/data.py udasa_lib/diagnostics.py udasa_lib/eval_harmless.py udasa_lib/generation.py udasa_lib/instruments.py udasa_lib/io.py udasa_lib/methods.py udasa_lib/metrics.py udasa_lib/models.py udasa_lib/pairs.py udasa_lib/policies.py udasa_lib/prelim.py udasa_lib/refusal.py udasa_lib/report.py udasa_lib/sample.py udasa_lib/score.py udasa_lib/sentiment_reward.py udasa_lib/silhouette.py udasa_lib/splits.py udasa_lib/stats.py udasa_lib/truthful_mc.py udasa_lib/value_probe.py configs/inferred_choices.yaml
+$(RUN_DIR)/07_report/manifest.json: $(RUN_DIR)/03_pairs/manifest.json $(EVALUATED) $(RUN_DIR)/05_validity/manifest.json $(RUN_DIR)/06_silhouette/manifest.json notebooks/07_report.ipynb udasa_lib/eval_winrate.py udasa_lib/judges.py udasa_lib/validity.py udasa_lib/assets.py udasa_lib/data.py udasa_lib/diagnostics.py udasa_lib/eval_harmless.py udasa_lib/generation.py udasa_lib/instruments.py udasa_lib/io.py udasa_lib/methods.py udasa_lib/metrics.py udasa_lib/models.py udasa_lib/pairs.py udasa_lib/policies.py udasa_lib/prelim.py udasa_lib/refusal.py udasa_lib/report.py udasa_lib/sample.py udasa_lib/score.py udasa_lib/sentiment_reward.py udasa_lib/silhouette.py udasa_lib/splits.py udasa_lib/stats.py udasa_lib/truthful_mc.py udasa_lib/value_probe.py configs/inferred_choices.yaml
 	$(STAGE) 07_report
 
 # The stages that can run side by side get their share of the threads (unless UDASA_THREADS is
@@ -105,7 +108,7 @@ $(RUN_DIR)/07_report/manifest.json: $(RUN_DIR)/03_pairs/manifest.json $(EVALUATE
 # took about 630 s, one after another at two threads about 655 s.
 ifneq ($(SHARED_THREADS),)
 $(RUN_DIR)/04_train/%/manifest.json: export UDASA_THREADS := $(or $(UDASA_THREADS),$(SHARED_THREADS))
-$(EVALUATED) $(RUN_DIR)/06_silhouette/manifest.json: export UDASA_THREADS := $(or $(UDASA_THREADS),$(SHARED_THREADS))
+$(EVALUATED) $(RUN_DIR)/05_validity/manifest.json $(RUN_DIR)/06_silhouette/manifest.json: export UDASA_THREADS := $(or $(UDASA_THREADS),$(SHARED_THREADS))
 endif
 
 report: $(VENV_STAMP) ## rebuild CONFIG's report, e.g. to include a sweep finished after it

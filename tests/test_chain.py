@@ -43,7 +43,8 @@ def test_report_tables_are_present_and_not_empty(chain):
     # every trained method against base on paired units
     tested = claims[claims.verdict != report.NOT_RUN]
     assert len(tested) >= 1 and (tested["n"].astype(int) >= 2).all()  # smoke: too few pairs per stage for the other
-    assert "not on record" in text
+    # every instrument's agreement with human labels was measured by 05_validity and is printed
+    assert "not measured" not in text and "known-direction agreement" in text and "balanced accuracy" in text
     controls = pd.read_csv(report_dir / "controls.csv")
     assert set(controls.comparison) >= {f"{m} vs base" for m in cfg_methods() if m != "base"}
     table = pd.read_csv(report_dir / "results_table.csv")
@@ -54,7 +55,7 @@ def test_report_tables_are_present_and_not_empty(chain):
     evaluations = table[table.stage.str.startswith("05_eval_")]
     assert evaluations[["value", "ci_low", "ci_high"]].notna().all().all()
     assert (report_dir / "07_report.html").stat().st_size > 10_000
-    for figure in ("harmless.png", "winrate.png", "reward_kl.png", "silhouette_layers.png"):
+    for figure in ("harmless.png", "winrate.png", "reward_kl.png", "silhouette_layers.png", "validity.png"):
         assert (report_dir / "figures" / figure).stat().st_size > 1000
 
 

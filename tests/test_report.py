@@ -13,7 +13,8 @@ def _row(value, low, high, metric="reward"):
 
 
 VALID = {name: {"valid": True} for name in ("harm probe", "IMDb sentiment classifier", "refusal keywords",
-                                            "labelled answers", "computed", "pairwise judge j")}
+                                            "labelled answers", "computed", "pairwise judge j", "length baseline",
+                                            "judge j: harmful compliance", "judge j: refusal")}
 
 
 def _units(task, metric, method, values):
@@ -103,18 +104,36 @@ def test_controls_compare_every_method_with_base_without_a_direction():
 def test_instruments_registry_and_validity():
     from udasa_lib import instruments
 
-    assert instruments.instrument_of("alignment", "win_rate", "j").kind == instruments.NOT_ON_RECORD
+    judges = instruments.Judges("models/pairwise-j", "models/role-j")
+    assert instruments.instrument_of("alignment", "win_rate", judges).name == "pairwise judge pairwise-j"
+    assert instruments.instrument_of("alignment", "judged_harmful_compliance_rate", judges).name == \
+        "judge role-j: harmful compliance"
+    assert instruments.instrument_of("alignment", "judged_benign_over_refusal_rate", judges).name == "judge role-j: refusal"
+    assert instruments.instrument_of("alignment", "length_win_rate", judges) == instruments.LENGTH_BASELINE
     assert instruments.instrument_of("alignment", "udasa_truthful_mc_acc").kind == instruments.EXACT
     with pytest.raises(KeyError, match="no instrument"):
         instruments.instrument_of("alignment", "made_up_metric")
-    records = instruments.validity_records({"balanced_accuracy": 0.78, "accuracy": 0.78, "n_test": 339, "roc_auc": 0.9},
-                                           {"accuracy": 0.52, "n_test": 20}, "j")
+    rows = [{"dataset": "harm", "instrument": "harm probe", "valid": True, "figures": "ba 0.78"},
+            {"dataset": "harm", "instrument": "refusal keywords", "valid": True, "figures": "ba 0.70"},
+            {"dataset": "refusal", "instrument": "refusal keywords", "valid": False, "figures": "ba 0.52"},
+            {"dataset": "refusal", "instrument": "judge role-j: refusal", "valid": True, "figures": "ba 0.9"},
+            {"dataset": "harm", "instrument": "judge role-j: harmful compliance", "valid": False, "figures": "ba 0.5"}]
+    records = instruments.validity_records(rows, {"accuracy": 0.52, "n_test": 20}, judges)
     assert records["harm probe"]["valid"] and not records["IMDb sentiment classifier"]["valid"]  # 0.52 on 20: chance
-    assert not records["pairwise judge j"]["valid"] and not records["refusal keywords"]["valid"]
+    # an instrument is decided on its primary set (keywords: refusal labels), the others shown beside
+    assert not records["refusal keywords"]["valid"]
+    assert records["refusal keywords"]["figures"] == "refusal set: ba 0.52; harm set: ba 0.70"
+    assert records["judge role-j: refusal"]["valid"] and not records["judge role-j: harmful compliance"]["valid"]
+    # measured by nobody: not valid, and said so
+    assert not records["pairwise judge pairwise-j"]["valid"]
+    assert "not measured" in records["pairwise judge pairwise-j"]["figures"]
     assert records["labelled answers"]["valid"]
-    # every claim's metric has an instrument
-    for claim in report.CLAIMS:
-        instruments.instrument_of(claim.task, claim.metric, "j")
+    # every claim's and control's metric has an instrument with a validity record
+    for claim in (*report.CLAIMS, *report.CONTROL_CLAIMS):
+        assert instruments.instrument_of(claim.task, claim.metric, judges).name in records
+    for task, metrics in report.CONTROL_METRICS.items():
+        for metric, _ in metrics:
+            assert instruments.instrument_of(task, metric, judges).name in records
 
 
 def test_wide_table_orders_methods_and_marks_missing_cells():

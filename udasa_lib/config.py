@@ -209,11 +209,16 @@ class EvalHarmlessConfig:
     max_new_tokens: Positive
     temperature: Temperature  # 0 = greedy (default); > 0 samples (the tiny test model only emits text when sampled)
     batch_size: Positive  # prompts per generate call
+    judge: str  # causal LM answering the judge roles (udasa_lib/judges.py); empty = the base policy
+    judge_dtype: Literal["auto", "float32", "bfloat16", "float16"]  # auto = float32 on CPU, bfloat16 on CUDA
+    judge_batch_size: Positive  # judge texts per forward pass
+    judge_max_response_tokens: Positive  # an answer's first n tokens are judged
 
 
 @dataclass(frozen=True)
 class EvalWinrateConfig:
     judge: str  # causal LM that judges the pairs; empty = the base policy (model.name_or_path)
+    judge_dtype: Literal["auto", "float32", "bfloat16", "float16"]  # auto = float32 on CPU, bfloat16 on CUDA
     max_length: Positive  # judge prompt tokens; each output is cut to fit
     batch_size: Positive
 
@@ -244,6 +249,15 @@ class SilhouetteConfig:
 
 
 @dataclass(frozen=True)
+class ValidityConfig:
+    # 05_validity: every judge and cheap instrument against human labels (udasa_lib/validity.py)
+    harm_examples: Annotated[int, Range(low=4)]  # of the harm probe's held-out human-graded responses (seeded, stratified)
+    refusal_examples: Annotated[int, Range(low=4)]  # of pyrit's refusal-labelled responses (seeded, stratified)
+    pairs_per_kind: Annotated[int, Range(low=2)]  # known-direction pairs of each kind for the pairwise judges
+    seed: NonNegative  # which examples are drawn
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     alpha: Fraction  # family-wise error rate of each table of paired claims (Holm)
     power: Fraction  # power of the minimum detectable effect and of the n each claim needs
@@ -267,6 +281,7 @@ class Config:
     eval_lmeval: EvalLmevalConfig
     eval_sentiment: EvalSentimentConfig
     silhouette: SilhouetteConfig
+    validity: ValidityConfig
     report: ReportConfig
     bootstrap_samples: Positive  # resamples of prompts for every 95 % confidence interval
 

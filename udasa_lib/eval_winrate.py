@@ -225,7 +225,7 @@ def run_eval_winrate(run) -> dict:
     methods = [v.split("/")[1] for v in variants(cfg, "04_train") if v.startswith("alignment/")]
     base = [r for r in read_jsonl(generation_dir / f"{BASE}.jsonl") if r["split"] == "benign"]
     judge_name = params.judge or cfg.model.name_or_path
-    judge_model, judge_tokenizer = load_causal_lm(judge_name, cfg.model.dtype, cfg.runtime.device)
+    judge_model, judge_tokenizer = load_causal_lm(judge_name, params.judge_dtype, cfg.runtime.device)
     judge = LocalJudge(judge_model, judge_tokenizer, max_length=params.max_length)
     annotations, rows = [], []
     for method in methods:
@@ -250,7 +250,8 @@ def run_eval_winrate(run) -> dict:
                                        cfg.seed, units))
     atomic_write_jsonl(run.dir / ANNOTATIONS_FILE, annotations)
     metrics.write_metrics(run.dir / metrics.METRICS_FILE, rows)
-    run.add_to_manifest(judge=judge_name, annotator_config=DEFAULT_CONFIG, pairs=len(annotations))
+    run.add_to_manifest(judge=judge_name, judge_dtype=params.judge_dtype, annotator_config=DEFAULT_CONFIG,
+                        pairs=len(annotations))
     metrics.plot_intervals(rows, ["win_rate", "length_win_rate"], methods, run.dir / FIGURE_FILE,
                            title="win rate against base, % (95 % CI)", reference=50)
     return {"rows": rows, "policies": methods, "judge": judge_name}

@@ -63,6 +63,12 @@ CLAIMS: tuple[Claim, ...] = (
           "udasa", "sft", False),
     Claim("UDASA", "UDASA is more harmless than SFT (refusal rate, probe-independent)", "alignment",
           "harmful_refusal_rate", "udasa", "sft", True),
+    # and a third time by the LM judge of eval_harmless.judge (judges.py), decided only where
+    # 05_validity finds the judge above chance on human labels
+    Claim("UDASA", "UDASA is more harmless than DPO (judged compliance)", "alignment",
+          "judged_harmful_compliance_rate", "udasa", "dpo", False),
+    Claim("UDASA", "UDASA is more harmless than SFT (judged compliance)", "alignment",
+          "judged_harmful_compliance_rate", "udasa", "sft", False),
     Claim("UDASA", "UDASA is more helpful than DPO (win rate vs base)", "alignment", "win_rate", "udasa", "dpo", True),
     Claim("UDASA", "UDASA is more truthful than DPO", "alignment", "udasa_truthful_mc_acc", "udasa", "dpo", True),
     Claim("UDASA", "UDASA beats DPO on controlled sentiment (reward)", "sentiment", "reward", "udasa", "dpo", True),
@@ -76,6 +82,8 @@ CLAIMS: tuple[Claim, ...] = (
           "ual_dpo", "dpo", False),
     Claim("UAL", "UAL-DPO is more harmless than DPO (refusal rate, probe-independent)", "alignment",
           "harmful_refusal_rate", "ual_dpo", "dpo", True),
+    Claim("UAL", "UAL-DPO is more harmless than DPO (judged compliance)", "alignment",
+          "judged_harmful_compliance_rate", "ual_dpo", "dpo", False),
     Claim("UAL", "UAL-SFT is more helpful than SFT (win rate vs base)", "alignment", "win_rate", "ual_sft", "sft", True),
     Claim("UAL", "UAL-SFT tightens token clusters vs SFT (last-layer silhouette per response)", "alignment",
           "silhouette_token_last", "ual_sft", "sft", True),
@@ -106,7 +114,9 @@ ORACLE = "dpo_oracle"
 # The metrics every trained method is compared with base on (the controls table), and which way is better.
 CONTROL_METRICS: dict[str, tuple[tuple[str, bool], ...]] = {
     "alignment": (("harmful_compliance_rate", False), ("harmful_refusal_rate", True),
-                  ("benign_over_refusal_rate", False), ("udasa_truthful_mc_acc", True)),
+                  ("benign_over_refusal_rate", False), ("judged_harmful_compliance_rate", False),
+                  ("judged_harmful_refusal_rate", True), ("judged_benign_over_refusal_rate", False),
+                  ("udasa_truthful_mc_acc", True)),
     "sentiment": (("reward", True), ("kl", True)),
 }
 
@@ -225,6 +235,20 @@ def render(rows: list[dict], label: str = "claim") -> pd.DataFrame:
             "n needed": row["n needed"] if row["n needed"] is not None else "-",
         })
     return pd.DataFrame(table)
+
+
+def metric_instruments(metrics: Sequence[str], task: str, judges, validity: Mapping[str, dict]) -> pd.DataFrame:
+    """Per metric of a task: the instrument that produced it, whether it is valid, and its figures
+    (instruments.validity_records), so that no number is read without its instrument's validity."""
+    from udasa_lib.instruments import instrument_of
+
+    rows = []
+    for metric in metrics:
+        instrument = instrument_of(task, metric, judges)
+        record = validity[instrument.name]
+        rows.append({"metric": metric, "instrument": instrument.name, "valid": "yes" if record["valid"] else "no",
+                     "agreement with labels": record["figures"]})
+    return pd.DataFrame(rows)
 
 
 def claim_rows(units: pd.DataFrame, validity: Mapping[str, dict], judge: str, n_resamples: int,
@@ -416,6 +440,7 @@ TABLE_FILE = "results_table.csv"
 FIGURE_SOURCES = {  # figure -> the upstream stage that draws it
     "harmless.png": "05_eval_harmless", "winrate.png": "05_eval_winrate", "lmeval.png": "05_eval_lmeval",
     "reward_kl.png": "05_eval_sentiment", "silhouette_layers.png": "06_silhouette", "projection.png": "06_silhouette",
+    "validity.png": "05_validity",
 }
 
 
@@ -429,7 +454,8 @@ def write_report(run) -> dict:
     import shutil
 
     from udasa_lib import diagnostics, metrics, pipeline, silhouette
-    from udasa_lib.instruments import read_validity
+    from udasa_lib.instruments import Judges
+    from udasa_lib.validity import read_validity
     from udasa_lib.pairs import SUMMARY_FILE, pair_set_table
     from udasa_lib.prelim import PRELIM_FILE
     from udasa_lib.io import atomic_write_text
@@ -452,8 +478,8 @@ def write_report(run) -> dict:
     manifest_harmless = json.loads((run.upstream["05_eval_harmless"] / "manifest.json").read_text())
     manifest_winrate = json.loads((run.upstream["05_eval_winrate"] / "manifest.json").read_text())
     manifest_sentiment = json.loads((run.upstream["05_eval_sentiment"] / "manifest.json").read_text())
-    judge = manifest_winrate["extra"]["judge"]
-    validity = read_validity(run.upstream["00_data"], manifest_sentiment["extra"]["reward_model"], judge)
+    judge = Judges(manifest_winrate["extra"]["judge"], manifest_harmless["extra"]["judge"])
+    validity = read_validity(run.upstream["05_validity"], manifest_sentiment["extra"]["reward_model"], judge)
 
     def decided(rows, directional=True):
         return decide(rows, settings.alpha, settings.power, settings.effects, directional)
@@ -575,7 +601,9 @@ def write_report(run) -> dict:
         "means.", "",
     ]
     for task, frame in wide.items():
-        lines += [f"### {task}", "", markdown(frame, index=True)]
+        lines += [f"### {task}", "", markdown(frame, index=True), "",
+                  f"The instrument of each {task} metric and its agreement with human or ground-truth labels:", "",
+                  markdown(metric_instruments(frame.columns, task, judge, validity))]
     lines += ["## Figures", ""] + [f"![{name}](figures/{name})" for name in figures] + [
         "", f"Beta-sweep frontier: {frontier_note}.", "",
         "## Pairs and stages", "", markdown(sizes),
