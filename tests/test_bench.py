@@ -28,3 +28,15 @@ def test_generation_bench_runs_and_writes_its_figures(tmp_path):
         assert generation[engine]["tokens"] > 0
         assert generation[engine]["max_abs_logprob_diff_vs_teacher_forcing"] < 1e-4
     assert (out / bench.BENCH_FIGURE).exists()
+
+
+def test_judge_bench_runs_and_the_prefix_cache_changes_no_value(tmp_path):
+    out = tmp_path / "bench"
+    assert bench.main(["--config", "configs/smoke.yaml", "--only", "judge", "--judge-texts", "6",
+                       "--out", str(out)]) == 0
+    judge = json.loads((out / bench.BENCH_FILE).read_text())["judge"]
+    paths = judge["paths"]
+    assert set(paths) == {"shared prefix, float32", "no prefix cache, float32", "pairwise (both orders), float32",
+                          "shared prefix, bfloat16"}
+    assert paths["no prefix cache, float32"]["max_abs_p_yes_diff_vs_today"] < 1e-5
+    assert all(row["judgments_per_s"] > 0 for row in paths.values())

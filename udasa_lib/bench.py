@@ -31,6 +31,14 @@ trained each way (every DPO-type method runs the same steps on the same pairs); 
 trainings plus, on the shared path, one reference pass. "side by side" is 04_train's layout
 under `make reproduce` (runtime.workers trainings at once, threads split). trl's DPOTrainer with
 its defaults is the last path, as before.
+
+judge: the LM judge of CONFIG's 05_eval_harmless (`eval_harmless.judge`) answering the refusal role
+(P(Yes), `udasa_lib/judges.py`) on pyrit's refusal-labelled responses cut to the evaluation's answer
+length: at its configured dtype with the shared question's KV cache computed once (today's path,
+`generation.SharedPrefix`), the same without the cache (every row forwarded whole), and with the
+cache in the other CPU dtype (float32 <-> bfloat16); judgments/s each, and the largest |P(Yes)
+difference| of each path against today's. Then the pairwise judge (`eval_winrate.LocalJudge`, both
+orders) on known-direction pairs: judgments/s.
 """
 from __future__ import annotations
 
@@ -478,6 +486,79 @@ def plot(result: dict, path: Path) -> Path:
     return out
 
 
+def bench_judge(cfg: config_mod.Config, n: int) -> dict:
+    """The judge paths of the module docstring on n texts; {"judge", "paths": {name: {...}}, ratios}."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from udasa_lib.generation import encode_prompt, forward_left_padded, pad_id_of
+    from udasa_lib.eval_winrate import LocalJudge
+    from udasa_lib.judges import REFUSAL, load_role_judge, role_text
+    from udasa_lib.score import yes_no_token_ids
+    from udasa_lib.validity import known_direction_pairs, refusal_set
+
+    params = cfg.eval_harmless
+    name = params.judge or cfg.model.name_or_path
+    examples = refusal_set(n, cfg.validity.seed)
+    requests = [e["prompt"] for e in examples]
+    dtype = params.judge_dtype if params.judge_dtype != "auto" else "float32"
+    other = "bfloat16" if dtype == "float32" else "float32"
+    paths: dict = {}
+
+    def timed(label, fn):
+        fn_started = time.perf_counter()
+        values = np.asarray(fn())
+        seconds = time.perf_counter() - fn_started
+        paths[label] = {"seconds": round(seconds, 2), "judgments_per_s": round(len(values) / seconds, 3),
+                        "values": values}
+
+    judge = load_role_judge(name, dtype, cfg.runtime.device, params.judge_max_response_tokens, params.judge_batch_size)
+    tokenizer = judge.tokenizer
+    # the evaluation's answers are at most max_new_tokens long
+    responses = [tokenizer.decode(tokenizer(e["response"], add_special_tokens=False)["input_ids"][:params.max_new_tokens])
+                 for e in examples]
+    judge.p_yes(REFUSAL, requests[:2], responses[:2])  # warm-up
+    timed(f"shared prefix, {dtype}", lambda: judge.p_yes(REFUSAL, requests, responses))
+    yes_ids, no_ids = yes_no_token_ids(tokenizer)
+
+    def without_cache():
+        rows = [encode_prompt(tokenizer, role_text(tokenizer, REFUSAL, q, judge._clip(r)))
+                for q, r in zip(requests, responses)]
+        order, out = np.argsort([len(r) for r in rows], kind="stable"), np.empty(len(rows))
+        for start in range(0, len(rows), params.judge_batch_size):
+            chunk = order[start: start + params.judge_batch_size]
+            with torch.inference_mode():
+                logits = forward_left_padded(judge.model, [rows[i] for i in chunk], pad_id_of(tokenizer),
+                                             logits_to_keep=1).logits[:, -1].float()
+            probs = torch.softmax(logits, dim=-1)
+            yes, no = probs[:, yes_ids].sum(-1), probs[:, no_ids].sum(-1)
+            out[chunk] = (yes / (yes + no)).numpy()
+        return out
+
+    timed(f"no prefix cache, {dtype}", without_cache)
+    pairs = known_direction_pairs(max(2, n // 4), cfg.validity.seed)
+    pairwise = LocalJudge(judge.model, tokenizer, max_length=cfg.eval_winrate.max_length)
+    timed(f"pairwise (both orders), {dtype}", lambda: pairwise.preferences(
+        [p["instruction"] for p in pairs], [p["worse"] for p in pairs], [p["better"] for p in pairs],
+        batch_size=cfg.eval_winrate.batch_size))
+    del judge, pairwise
+    judge = load_role_judge(name, other, cfg.runtime.device, params.judge_max_response_tokens, params.judge_batch_size)
+    judge.p_yes(REFUSAL, requests[:2], responses[:2])
+    timed(f"shared prefix, {other}", lambda: judge.p_yes(REFUSAL, requests, responses))
+    today = paths[f"shared prefix, {dtype}"]
+    reference = today["values"]
+    for label, row in paths.items():
+        values = row.pop("values")
+        if not label.startswith("pairwise"):
+            row["max_abs_p_yes_diff_vs_today"] = float(np.abs(values - reference).max())
+    return {"judge": name, "texts": len(examples), "pairs": len(pairs), "dtype": dtype, "paths": paths,
+            "speedup_cache": round(today["judgments_per_s"] / paths[f"no prefix cache, {dtype}"]["judgments_per_s"], 2),
+            "speedup_bfloat16_over_float32": round(
+                paths["shared prefix, bfloat16"]["judgments_per_s"] / paths["shared prefix, float32"]["judgments_per_s"], 2)}
+
+
 def _print(result: dict) -> None:
     machine = result["machine"]
     print(f"machine: fp32 matmul on {machine['model']}'s linear shapes, {machine['threads']} threads: "
@@ -531,6 +612,14 @@ def _print(result: dict) -> None:
         print(f"  shared / per batch: {t['speedup_shared_over_per_batch']}x" + (
             f"; side by side / per batch: {t['speedup_side_by_side_over_per_batch']}x" if
             "speedup_side_by_side_over_per_batch" in t else "") + " (goal >= 1.4x)")
+    j = result.get("judge")
+    if j:
+        print(f"judge {j['judge']}, refusal role on {j['texts']} answers, pairwise on {j['pairs']} pairs:")
+        for label, row in j["paths"].items():
+            diff = row.get("max_abs_p_yes_diff_vs_today")
+            print(f"  {label:32s} {row['seconds']:7.1f} s {row['judgments_per_s']:7.3f} judgments/s"
+                  + (f"  max |dP(Yes)| vs today {diff:.4f}" if diff is not None else ""))
+        print(f"  prefix cache: {j['speedup_cache']}x; bfloat16 / float32: {j['speedup_bfloat16_over_float32']}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -540,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-prompts", type=int, default=4, help="prompts for the one-call-per-prompt baselines")
     parser.add_argument("--pairs", type=int, default=32, help="pairs in the training benchmark")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "bench"))
-    parser.add_argument("--only", choices=["generation", "scoring", "training"], default=None)
+    parser.add_argument("--only", choices=["generation", "scoring", "training", "judge"], default=None)
+    parser.add_argument("--judge-texts", type=int, default=24, help="answers in the judge benchmark")
     parser.add_argument("--no-trl-default", action="store_true", help="skip trl's default DPOTrainer baseline")
     parser.add_argument("--profile", action="store_true", help="also profile one sampling batch per engine")
     args = parser.parse_args(argv)
@@ -572,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "training"):
         result["training"] = bench_training(cfg, args.pairs, result["machine"]["training_gflops"],
                                             with_trl_default=not args.no_trl_default)
+    if args.only in (None, "judge"):
+        result["judge"] = bench_judge(cfg, args.judge_texts)
     out = Path(args.out)
     atomic_write_json(out / BENCH_FILE, result)
     _print(result)

@@ -576,9 +576,12 @@ def write_report(run) -> dict:
                   "spread below.", "", markdown(pooled)]
     lines += [
         "## Instruments", "",
-        "What measured each metric, and its agreement with human or ground-truth labels (`udasa_lib/instruments.py`). "
-        "The harm probe is also the alignment task's value scorer, so compliance rates can flatter methods trained "
-        "on its preferences: read them beside the refusal rates.", "", markdown(validity_table),
+        "What measured each metric, and its agreement with human or ground-truth labels, measured in 05_validity "
+        "(`udasa_lib/validity.py`: pyrit's human-graded harm responses, its refusal-labelled responses, and pairs of "
+        "known direction built from them) and in 00_data (the sentiment classifier). A claim whose instrument is not "
+        "above chance reads `instrument not valid`. The harm probe is also the alignment task's value scorer, so "
+        "its compliance rates can flatter methods trained on its preferences: read them beside the judged rates and "
+        "the refusal rates.", "", markdown(validity_table),
         "## Controls: every trained method against base", "",
         "The same paired machinery, one Holm family; `higher` / `lower` say which way the method moved from base "
         "(no direction is claimed). A method that does not differ from base cannot differ from another for the "
