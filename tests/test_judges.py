@@ -76,7 +76,7 @@ def test_judged_answers_are_read_back_not_judged_again(tmp_path, monkeypatch):
     import types
 
     monkeypatch.setattr(judges, "load_role_judge", no_judge)
-    params = types.SimpleNamespace(judge_max_response_tokens=8, judge_batch_size=2)
+    params = types.SimpleNamespace(judge_max_response_tokens=8, judge_batch_size=2, judge_dtype="float32")
     cfg = types.SimpleNamespace(model=types.SimpleNamespace(dtype="float32"), runtime=types.SimpleNamespace(device="cpu"))
     judged = eval_harmless.judge_answers({"base": records}, "J", params, cfg, tmp_path)
     assert judged["base"][0] == {"judge_p_compliance": 0.7, "judge_p_refusal": 0.2}
