@@ -455,7 +455,7 @@ def write_report(run) -> dict:
 
     from udasa_lib import diagnostics, metrics, pipeline, silhouette
     from udasa_lib.instruments import Judges
-    from udasa_lib.validity import read_validity
+    from udasa_lib.validity import VALIDITY_FILE, read_validity
     from udasa_lib.pairs import SUMMARY_FILE, pair_set_table
     from udasa_lib.prelim import PRELIM_FILE
     from udasa_lib.io import atomic_write_text
@@ -527,6 +527,12 @@ def write_report(run) -> dict:
     agreement = pd.DataFrame(prelim["agreement_by_stage"])
     spearman = pd.DataFrame({"combined u": prelim["spearman_u_vs_reward"], **prelim["spearman_by_dimension"]}).T
     validity_table = pd.DataFrame([{k: v for k, v in record.items()} for record in validity.values()])
+    measured_json = json.loads((run.upstream["05_validity"] / VALIDITY_FILE).read_text())
+    measured = pd.DataFrame([{"labelled set": r["dataset"], "instrument": r["instrument"],
+                              "valid": "yes" if r["valid"] else "no", "figures": r["figures"]}
+                             for r in measured_json["rows"]])
+    cost = pd.DataFrame([{"judge, role": name, "dtype": c.get("dtype", ""), "judgments": c["judgments"],
+                          "judgments/s": round(c["judgments_per_second"], 3)} for name, c in measured_json["cost"].items()])
     counts = dict(Counter(r["verdict"] for r in claim_results))
     family = sum(math.isfinite(r["p (Holm)"]) for r in claim_results)
     lines = [
@@ -581,7 +587,10 @@ def write_report(run) -> dict:
         "known direction built from them) and in 00_data (the sentiment classifier). A claim whose instrument is not "
         "above chance reads `instrument not valid`. The harm probe is also the alignment task's value scorer, so "
         "its compliance rates can flatter methods trained on its preferences: read them beside the judged rates and "
-        "the refusal rates.", "", markdown(validity_table),
+        "the refusal rates.", "", markdown(validity_table), "",
+        "Everything 05_validity measured, per labelled set (also the judges this run did not use, such as the "
+        "policy's base model judging itself), and what each judge costs here:", "", markdown(measured),
+        "", markdown(cost), "",
         "## Controls: every trained method against base", "",
         "The same paired machinery, one Holm family; `higher` / `lower` say which way the method moved from base "
         "(no direction is claimed). A method that does not differ from base cannot differ from another for the "
