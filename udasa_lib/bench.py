@@ -32,7 +32,7 @@ trainings plus, on the shared path, one reference pass. "side by side" is 04_tra
 under `make reproduce` (runtime.workers trainings at once, threads split). trl's DPOTrainer with
 its defaults is the last path, as before.
 
-judge: the LM judge of CONFIG's 05_eval_harmless (`eval_harmless.judge`) answering the refusal role
+judge: the LM judge of CONFIG's 05_eval_harmless (`eval_harmless.judge`) answering its question
 (P(Yes), `udasa_lib/judges.py`) on pyrit's refusal-labelled responses cut to the evaluation's answer
 length: at its configured dtype with the shared question's KV cache computed once (today's path,
 `generation.SharedPrefix`), the same without the cache (every row forwarded whole), and with the
@@ -495,7 +495,7 @@ def bench_judge(cfg: config_mod.Config, n: int) -> dict:
 
     from udasa_lib.generation import encode_prompt, forward_left_padded, pad_id_of
     from udasa_lib.eval_winrate import LocalJudge
-    from udasa_lib.judges import REFUSAL, load_role_judge, role_text
+    from udasa_lib.judges import load_role_judge, role_text
     from udasa_lib.score import yes_no_token_ids
     from udasa_lib.validity import known_direction_pairs, refusal_set
 
@@ -519,12 +519,12 @@ def bench_judge(cfg: config_mod.Config, n: int) -> dict:
     # the evaluation's answers are at most max_new_tokens long
     responses = [tokenizer.decode(tokenizer(e["response"], add_special_tokens=False)["input_ids"][:params.max_new_tokens])
                  for e in examples]
-    judge.p_yes(REFUSAL, requests[:2], responses[:2])  # warm-up
-    timed(f"shared prefix, {dtype}", lambda: judge.p_yes(REFUSAL, requests, responses))
+    judge.p_yes(requests[:2], responses[:2])  # warm-up
+    timed(f"shared prefix, {dtype}", lambda: judge.p_yes(requests, responses))
     yes_ids, no_ids = yes_no_token_ids(tokenizer)
 
     def without_cache():
-        rows = [encode_prompt(tokenizer, role_text(tokenizer, REFUSAL, q, judge._clip(r)))
+        rows = [encode_prompt(tokenizer, role_text(tokenizer, q, judge._clip(r)))
                 for q, r in zip(requests, responses)]
         order, out = np.argsort([len(r) for r in rows], kind="stable"), np.empty(len(rows))
         for start in range(0, len(rows), params.judge_batch_size):
@@ -545,8 +545,8 @@ def bench_judge(cfg: config_mod.Config, n: int) -> dict:
         batch_size=cfg.eval_winrate.batch_size))
     del judge, pairwise
     judge = load_role_judge(name, other, cfg.runtime.device, params.judge_max_response_tokens, params.judge_batch_size)
-    judge.p_yes(REFUSAL, requests[:2], responses[:2])
-    timed(f"shared prefix, {other}", lambda: judge.p_yes(REFUSAL, requests, responses))
+    judge.p_yes(requests[:2], responses[:2])
+    timed(f"shared prefix, {other}", lambda: judge.p_yes(requests, responses))
     today = paths[f"shared prefix, {dtype}"]
     reference = today["values"]
     for label, row in paths.items():
@@ -614,7 +614,7 @@ def _print(result: dict) -> None:
             "speedup_side_by_side_over_per_batch" in t else "") + " (goal >= 1.4x)")
     j = result.get("judge")
     if j:
-        print(f"judge {j['judge']}, refusal role on {j['texts']} answers, pairwise on {j['pairs']} pairs:")
+        print(f"judge {j['judge']}, P(Yes) on {j['texts']} answers, pairwise on {j['pairs']} pairs:")
         for label, row in j["paths"].items():
             diff = row.get("max_abs_p_yes_diff_vs_today")
             print(f"  {label:32s} {row['seconds']:7.1f} s {row['judgments_per_s']:7.3f} judgments/s"
