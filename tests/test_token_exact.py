@@ -215,8 +215,12 @@ def test_over_long_prompts_are_counted_and_dropped():
     records = [{"prompt_ids": [1] * 10, "chosen_ids": [2] * 3, "rejected_ids": [3]},
                {"prompt_ids": [1] * 4, "chosen_ids": [2] * 3, "rejected_ids": [3] * 9},
                {"prompt_ids": [1] * 2, "chosen_ids": [2], "rejected_ids": [3]}]
-    with pytest.warns(UserWarning, match="1 pair\\(s\\) dropped .* 1 with a completion cut"):
+    with pytest.warns(UserWarning) as caught:
         kept, counts = train.fit_to_length(records, 8, "test")
-    assert counts == {"prompt_fills": 1, "completion_cut": 1} and kept == records[1:]
+    assert [str(w.message) for w in caught] == [
+        "test: train.max_length=8: 1 pair(s) dropped, their prompt alone fills it (e.g. #0)",
+        "test: train.max_length=8: 1 pair(s) with a completion cut to fit (e.g. #1)"]
+    assert counts == {"over_long_prompts": 1, "completion_cut": 1, "over_long_prompt_examples": ["#0"],
+                      "completion_cut_examples": ["#1"]} and kept == records[1:]
     sft = {"input_ids": [1] * 9 + [2], "completion_mask": [0] * 9 + [1]}
     assert train.length_fit(sft, 8) == "prompt_fills" and train.length_fit(sft, 10) == "fits"

@@ -265,7 +265,7 @@ def bench_scoring(cfg: config_mod.Config, config_path: str, sampling_tokens_per_
     sample_dir = pipeline.results_root() / ".stages" / "01_sample" / pipeline.stage_key(cfg, "01_sample")
     if not (sample_dir / pipeline.MANIFEST).exists():
         raise SystemExit(f"bench scoring: 01_sample has not run for {config_path}; run `make reproduce` first")
-    timing = json.loads((sample_dir / "timing.json").read_text())
+    timing = json.loads((sample_dir / pipeline.MANIFEST).read_text())["extra"]["timing"]
     recorded_s = sum(t["seconds"] * t["batches"] / max(1, t["generated_batches"]) for t in timing["per_task"].values())
     configure_threads(cfg.runtime.threads)
     records = load_samples(sample_dir / SAMPLES_FILE)

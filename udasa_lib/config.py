@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -426,12 +427,32 @@ def load_raw(path: Path | str) -> dict:
     return data
 
 
+# One part of a dotted key: config keys are identifiers; '-' is allowed for names a user chooses.
+_KEY_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """`sample.k=8` -> ("sample.k", 8); the value is read as YAML so types survive."""
+    """`sample.k=8` -> ("sample.k", 8); the value is read as YAML so types survive.
+
+    Raises ConfigError naming the override text when it has no '=', its key is empty or not a
+    dotted key (an empty part as in `a..b`, whitespace inside), it has '==' (`seed==1` would
+    otherwise set seed to the string "=1"), or its value is not valid YAML. Whether the key
+    exists is checked later, against the config (apply_overrides)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected dotted.key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key; expected dotted.key=value")
+    if not all(_KEY_PART.fullmatch(part) for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: key {key!r} is not a dotted key (letters, digits, '_' or '-' "
+                          f"joined by single dots)")
+    if raw.startswith("="):
+        raise ConfigError(f"override {text!r}: '==' after the key; write {key}=value")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({error})") from None
 
 
 def dotted_get(node: Any, dotted: str) -> Any:
@@ -476,8 +497,27 @@ def principle_count(share: float, k: int) -> int:
     return int((Decimal(repr(float(share))) * k).to_integral_value(rounding=ROUND_HALF_UP))
 
 
+# Names that become folder or file names (tasks, data splits, run names): no `/`, no leading dot,
+# so none can write outside results/ or hide itself
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+SAFE_NAME_RULE = "must be 1-100 letters, digits, '_', '-' or '.', starting with a letter or digit"
+
+
+def check_names(config: Config) -> None:
+    """Raise ConfigError naming the key of any task or split name that is not a SAFE_NAME."""
+    named = {"sample.tasks": config.sample.tasks, "train.methods": config.train.methods,
+             "train.steps": config.train.steps, "score.value.scorers": config.score.value.scorers,
+             "pairs.truncated": config.pairs.truncated}
+    named.update({f"sample.tasks.{task}.sources": spec.sources for task, spec in config.sample.tasks.items()})
+    for where, mapping in named.items():
+        for name in mapping:
+            if not SAFE_NAME.fullmatch(name):
+                raise ConfigError(f"{where}: name {name!r} {SAFE_NAME_RULE}")
+
+
 def check_relations(config: Config) -> None:
     """Constraints between keys that no single key's range can state."""
+    check_names(config)
     data = config.data
     if data.sentiment_prefix_min_tokens > data.sentiment_prefix_max_tokens:
         raise ConfigError(f"data.sentiment_prefix_min_tokens: {data.sentiment_prefix_min_tokens} exceeds "

@@ -142,6 +142,24 @@ def sentiment_splits(reviews: list[dict], n_train: int, n_test: int, n_classifie
     return splits
 
 
+# The config key that sizes each split: the place to look when one comes out empty.
+SPLIT_KEYS = {
+    "harmful_train": "data.harmful_test_fraction", "harmful_test": "data.harmful_test_fraction",
+    "benign_train": "data.benign_test_fraction", "benign_test": "data.benign_test_fraction",
+    "truthful_mc": "data.truthful_max_choices", "sentiment_train": "data.sentiment_train_prompts",
+    "sentiment_test": "data.sentiment_test_prompts", "sentiment_classifier": "data.sentiment_classifier_reviews",
+}
+
+
+def check_nonempty(splits: dict[str, list[dict]]) -> None:
+    """Raise DataError naming the first empty split, its file and the config key that sizes it: an
+    empty split would otherwise be sampled or evaluated as zero prompts without a word."""
+    for name, records in splits.items():
+        if not records:
+            raise DataError(f"split {name!r} ({name}.jsonl) came out empty; check {SPLIT_KEYS.get(name, 'data')} "
+                            "and that its source assets are complete (`make assets`)")
+
+
 def check_disjoint(splits: dict[str, list[dict]], pairs=DISJOINT) -> None:
     for a, b in pairs:
         for field in ("id", "text"):
@@ -173,6 +191,7 @@ def build_splits(cfg) -> dict[str, list[dict]]:
                            cfg.sentiment_classifier_reviews, cfg.sentiment_prefix_min_tokens,
                            cfg.sentiment_prefix_max_tokens, cfg.split_seed),
     }
+    check_nonempty(splits)
     check_disjoint(splits)
     return splits
 
@@ -221,5 +240,6 @@ def fit_reference_models(splits: dict[str, list[dict]], cfg, out_dir: Path) -> d
     examples = load_probe_examples(exclude_prompts=[r["text"] for r in splits["harmful_test"]])
     probe, probe_metrics = fit_probe(examples, embedder_path=cfg.probe_embedder, seed=cfg.probe_seed)
     probe.save(out_dir / HARM_PROBE_FILE)
-    atomic_write_json(out_dir / HARM_PROBE_METRICS, probe_metrics)
+    # the file holds what was fitted; the fit's wall times go to the manifest only (returned here)
+    atomic_write_json(out_dir / HARM_PROBE_METRICS, {k: v for k, v in probe_metrics.items() if k != "seconds"})
     return {"sentiment_reward": reward_metrics, "harm_probe": probe_metrics}

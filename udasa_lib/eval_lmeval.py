@@ -19,8 +19,9 @@ Adapters are evaluated unmerged: lm-eval's HFLM wraps the base in peft.PeftModel
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -36,6 +37,9 @@ BUILTIN_TRUTHFUL_TASKS: tuple[str, ...] = ("truthfulqa_mc1", "truthfulqa_mc2")
 # bootstrap over questions needs.
 RESULT_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
                "higher_is_better", "n-samples", "config", "git_hash", "date")
+# what a stage's results.json leaves out: when it ran and the checkout's git state (the stage's
+# manifest.json records both); a product must be the same bytes on every rerun and in every clone
+UNSTABLE_RESULT_KEYS = ("git_hash", "date")
 
 
 def task_config(data_file: Path, task_file: Path = TASK_FILE) -> dict[str, Any]:
@@ -129,6 +133,27 @@ def run_truthful(
     return {"lm_eval": safe, "per_question": per_question}
 
 
+def canonical_results(lm_eval_json: dict[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """lm-eval's results JSON as a stage product: without UNSTABLE_RESULT_KEYS, and every string
+    that is, or starts with, one of the absolute paths in `names` (the model folder, the adapter,
+    the data file that run_truthful handed lm-eval) written with that path's name instead (the
+    config's model.name_or_path, a folder relative to the results root, ...)."""
+    by_length = sorted(names.items(), key=lambda item: -len(item[0]))
+
+    def rename(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: rename(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rename(v) for v in value]
+        if isinstance(value, str):
+            for path, name in by_length:
+                if value == path or value.startswith(path.rstrip("/") + "/"):
+                    return name + value[len(path):]
+        return value
+
+    return rename({k: v for k, v in lm_eval_json.items() if k not in UNSTABLE_RESULT_KEYS})
+
+
 def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     """Write lm-eval's JSON to out_dir/results.json and per-question rows to samples.jsonl."""
     out_dir = Path(out_dir)
@@ -151,6 +176,7 @@ def run_eval_lmeval(run) -> dict:
     from udasa_lib.data import TRUTHFUL_FILE
     from udasa_lib.io import read_jsonl
     from udasa_lib.models import configure_threads, resolve_device, resolve_dtype, resolve_name_or_path
+    from udasa_lib.pipeline import results_root
     from udasa_lib.policies import policy_adapters
 
     cfg, params = run.config, run.config.eval_lmeval
@@ -163,11 +189,19 @@ def run_eval_lmeval(run) -> dict:
     for name, adapter in adapters.items():
         out_dir = run.dir / RESULTS_DIR / name
         if not (out_dir / "samples.jsonl").exists():
-            result = run_truthful(resolve_name_or_path(cfg.model.name_or_path), data_file, adapter_dir=adapter,
+            model_path = resolve_name_or_path(cfg.model.name_or_path)
+            result = run_truthful(model_path, data_file, adapter_dir=adapter,
                                   limit=params.limit or None, batch_size=params.batch_size, device=str(device),
                                   dtype=dtype, seed=cfg.seed, tasks=params.tasks)
-            write_results(result, out_dir)
-        per_question = read_jsonl(out_dir / "samples.jsonl")
+            # the paths lm-eval was handed (absolute: see run_truthful), named as in any clone
+            names = {_local_or_hub(model_path): cfg.model.name_or_path,
+                     str(Path(data_file).resolve()): f"00_data/{TRUTHFUL_FILE}"}
+            if adapter is not None:
+                names[str(Path(adapter).resolve())] = Path(os.path.relpath(Path(adapter).resolve(),
+                                                                           results_root())).as_posix()
+            write_results({**result, "lm_eval": canonical_results(result["lm_eval"], names)}, out_dir)
+        # lm-eval's raw per-choice log-likelihoods may be -inf; only the 0/1 acc columns are used
+        per_question = read_jsonl(out_dir / "samples.jsonl", allow_nonfinite=True)
         for task in params.tasks:
             answered = [q for q in per_question if q["task"] == task]
             for metric in ("acc", "acc_norm"):

@@ -161,7 +161,8 @@ def results_table(run_dir: Path):
     for stage in EVAL_STAGES:
         path = Path(run_dir) / stage / METRICS_FILE
         if path.exists():
-            frames.append(pd.DataFrame(read_jsonl(path)))
+            # NaN is a legitimate value here: a metric over zero units (stats.bootstrap_mean_ci)
+            frames.append(pd.DataFrame(read_jsonl(path, allow_nonfinite=True)))
     if not frames:
         raise FileNotFoundError(f"{run_dir}: no evaluation stage has finished (no */{METRICS_FILE})")
     table = pd.concat(frames, ignore_index=True)[list(METRIC_FIELDS)]

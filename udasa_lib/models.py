@@ -5,10 +5,19 @@ with network names in a config. fp32 on CPU (bf16 matmul there is ~90x slower), 
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from udasa_lib import REPO_ROOT
+
+T = TypeVar("T")
+
+
+class ModelLoadError(RuntimeError):
+    """A model, tokenizer, embedder or adapter cannot be loaded; the message names the id, or the
+    file of a local folder that is truncated or corrupt."""
 
 
 def resolve_name_or_path(name_or_path: str) -> str:
@@ -54,11 +63,80 @@ def resolve_dtype(dtype: str, device):
         raise ValueError(f"model.dtype: unknown dtype {dtype!r} (auto, float32, bfloat16, float16)") from None
 
 
+def _unreadable_file(folder: Path) -> tuple[Path, str] | None:
+    """The first weights or JSON file under `folder` that cannot be read, with the reason; None
+    when all can. Only headers are read (safetensors checks that its header covers the file, so a
+    cut file is caught without loading a tensor)."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt"):
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except Exception as error:  # safetensors raises its own type, not an OSError
+            return path, f"{type(error).__name__}: {error}"
+    return None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _cached_snapshot(hub_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:  # not in the cache, or not a valid repo id at all
+        return None
+
+
+def load_pretrained(load: Callable[[str], T], name_or_path: str, what: str = "model") -> T:
+    """`load(resolved path or hub id)`: the one door for every from_pretrained-style call (causal
+    LM, tokenizer, sentence-transformers embedder, NLI classifier, PEFT adapter), so that every
+    failure explains itself the same way. `what` names the thing in the message.
+
+    Raises FileNotFoundError for a relative folder that does not exist (resolve_name_or_path), and
+    ModelLoadError when loading fails: naming the file for a truncated or corrupt file of a local
+    folder or cached snapshot, else naming the id and, offline, saying that the hub cannot be
+    reached (HF_HUB_OFFLINE) and a local folder or an already cached id is needed. The loader's own
+    exception is chained as the cause."""
+    source = resolve_name_or_path(name_or_path)
+    try:
+        return load(source)
+    except Exception as error:
+        raise ModelLoadError(_load_failure(name_or_path, source, what, error)) from error
+
+
+def _load_failure(name_or_path: str, source: str, what: str, error: Exception) -> str:
+    cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    folder = Path(source) if Path(source).is_dir() else _cached_snapshot(source)
+    if folder is not None:
+        bad = _unreadable_file(folder)
+        if bad is not None:
+            return (f"{what} {name_or_path!r}: file {bad[0]} is truncated or corrupt ({bad[1]}); rebuild or re-copy "
+                    f"it (`make assets` for the embedded models)")
+        return f"{what} {name_or_path!r}: cannot be loaded from {folder} ({cause})"
+    if _hub_offline():
+        return (f"{what} {name_or_path!r}: no local folder of that name and not in the Hugging Face cache, and the hub "
+                f"is not reachable offline (HF_HUB_OFFLINE=1); name a local folder (e.g. .cache/assets/...) or a hub "
+                f"id that is already cached ({cause})")
+    return f"{what} {name_or_path!r}: not a local folder and not loadable from the Hugging Face hub ({cause})"
+
+
 def load_tokenizer(name_or_path: str, padding_side: str = "left"):
-    """Left padding, because batched generation appends to the right end of every row."""
+    """Left padding, because batched generation appends to the right end of every row.
+    Raises ModelLoadError (load_pretrained) when the tokenizer cannot be loaded."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_name_or_path(name_or_path))
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_path, "tokenizer")
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -66,12 +144,13 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left"):
 
 
 def load_causal_lm(name_or_path: str, dtype: str = "auto", device: str = "auto"):
-    """Return (model in eval mode on its device, tokenizer)."""
+    """Return (model in eval mode on its device, tokenizer).
+    Raises ModelLoadError (load_pretrained) when the model or its tokenizer cannot be loaded."""
     from transformers import AutoModelForCausalLM
 
     torch_device = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_name_or_path(name_or_path), dtype=resolve_dtype(dtype, torch_device)
-    ).to(torch_device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    model = load_pretrained(lambda source: AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype),
+                            name_or_path, "causal LM").to(torch_device)
     model.eval()
     return model, load_tokenizer(name_or_path)

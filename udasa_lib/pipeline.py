@@ -15,20 +15,23 @@ an interrupted stage keeps its partial work in the same keyed folder and resumes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import importlib.metadata
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from udasa_lib import REPO_ROOT
 from udasa_lib import config as config_mod
-from udasa_lib.io import atomic_write_json, sha256_file, sha256_json
+from udasa_lib.io import atomic_write_json, display_path, sha256_file, sha256_json
 
 
 @dataclass(frozen=True)
@@ -328,14 +331,55 @@ def products_fingerprint(config: config_mod.Config, stage: str) -> str:
     adding a trained method reruns the evaluations); the stage must be done."""
     per_variant = {}
     for variant in variants(config, stage):
-        manifest = stage_dir(config, stage, variant) / MANIFEST
-        if not manifest.exists():
+        folder = stage_dir(config, stage, variant)
+        if not (folder / MANIFEST).exists():
             label = f"{stage} {variant}".strip()
             raise StageError(f"upstream stage {label} has not finished for this config (run it first)")
-        outputs = json.loads(manifest.read_text())["outputs"]
-        per_variant[variant] = {name: digest for name, digest in outputs.items()
-                                if any(fnmatch.fnmatch(name, pattern) for pattern in STAGES[stage].products)}
+        per_variant[variant] = verified_products(folder, stage, variant)
     return sha256_json(per_variant[""] if list(per_variant) == [""] else per_variant)
+
+
+def _rerun_hint(stage: str, variant: str = "") -> str:
+    return (f"rerun it with `python -m udasa_lib.pipeline run {stage}{f' --variant {variant}' if variant else ''} "
+            f"--force --config ...` (or delete the folder)")
+
+
+def read_manifest(folder: Path, stage: str, variant: str = "") -> dict[str, Any]:
+    """The manifest of a stage folder. Raises StageError naming the file when it is unreadable
+    (truncated, empty, not a JSON object without its `outputs`): never a bare JSONDecodeError."""
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StageError(f"{path}: unreadable manifest ({error}); {_rerun_hint(stage, variant)}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("outputs"), dict):
+        raise StageError(f"{path}: not a stage manifest (no `outputs` mapping); {_rerun_hint(stage, variant)}")
+    return manifest
+
+
+def _file_stat(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def verified_products(folder: Path, stage: str, variant: str = "") -> dict[str, str]:
+    """{product file: sha256} of a done stage folder, each file checked against its manifest:
+    size and mtime as recorded (fast path), else its sha256 recomputed. Raises StageError
+    naming the file when a product is missing or its content differs from the manifest's hash."""
+    manifest = read_manifest(folder, stage, variant)
+    stats = manifest.get("stats", {})
+    products = {name: digest for name, digest in manifest["outputs"].items()
+                if any(fnmatch.fnmatch(name, pattern) for pattern in STAGES[stage].products)}
+    for name, digest in products.items():
+        path = folder / name
+        if not path.is_file():
+            raise StageError(f"{path}: listed in {folder / MANIFEST} but missing; {_rerun_hint(stage, variant)}")
+        if stats.get(name) == _file_stat(path):
+            continue
+        if sha256_file(path) != digest:
+            raise StageError(f"{path}: content differs from its manifest's sha256 (changed after the stage "
+                             f"finished); {_rerun_hint(stage, variant)}")
+    return products
 
 
 def _as_plain(section: Any) -> Any:
@@ -359,6 +403,12 @@ class StageRun:
     overrides: dict[str, Any] = field(default_factory=dict)
     run_name: str = ""
     variant: str = ""  # e.g. "alignment/udasa" for 04_train; "" for stages without variants
+    # the keyed folder the result lives in once done: `dir`, except under --force, where `dir` is
+    # the staging folder swapped in at the end (link to `home`, write into `dir`)
+    home: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.home = self.home or self.dir
 
     def add_to_manifest(self, **entries: Any) -> None:
         """Facts the stage wants in its manifest (e.g. scorer accuracies); merged when it finishes."""
@@ -371,7 +421,12 @@ class StageRun:
 
 
 def run_name_for(config_path: Path | str, run_name: str | None = None) -> str:
-    return run_name or Path(config_path).stem
+    """The run's name: `run_name`, else the config file's stem. Raises StageError unless it is a
+    safe folder name (config_mod.SAFE_NAME: letters, digits, `._-`, no leading dot or slash)."""
+    name = run_name or Path(config_path).stem
+    if not config_mod.SAFE_NAME.fullmatch(name):
+        raise StageError(f"run name {name!r}: {config_mod.SAFE_NAME_RULE}")
+    return name
 
 
 def open_stage(
@@ -402,15 +457,20 @@ def open_stage(
             link(run_dir / label, up_dir)
     _check_variant(cfg, stage, variant)
     key = stage_key(cfg, stage, variant)
-    store = root / ".stages" / stage / key
+    store = home = root / ".stages" / stage / key
+    link(run_dir / stage / variant if variant else run_dir / stage, home)
+    # `--force` computes in a staging folder swapped in when complete (run_stage); the notebook
+    # and its worker processes learn it from the environment they inherit
+    staging = os.environ.get(STAGING_ENV, "")
+    if staging and Path(staging).name.startswith(f".{key}."):
+        store = Path(staging)
     store.mkdir(parents=True, exist_ok=True)
-    link(run_dir / stage / variant if variant else run_dir / stage, store)
     resolved = run_dir / "config.json"
     if not resolved.exists():
-        atomic_write_json(resolved, {"run_id": rid, "config_file": str(config_path), "overrides": dict(overrides or {}),
+        atomic_write_json(resolved, {"run_id": rid, "config_file": display_path(config_path), "overrides": dict(overrides or {}),
                                      "config": cfg.to_dict()})
     return StageRun(stage, cfg, rid, key, store, run_dir, upstream, config_path, dict(overrides or {}),
-                    run_name_for(config_path, run_name), variant)
+                    run_name_for(config_path, run_name), variant, home)
 
 
 def _repo_path(path: Path | str) -> Path:
@@ -431,8 +491,14 @@ def link(path: Path, target: Path) -> None:
 
 
 def is_done(run: StageRun) -> bool:
-    manifest = run.dir / MANIFEST
-    return manifest.exists() and json.loads(manifest.read_text()).get("key") == run.key
+    """Whether the stage's folder holds a finished result for its key. Raises StageError when its
+    manifest is unreadable or a product no longer matches it (`--force` recomputes)."""
+    if not (run.dir / MANIFEST).exists():
+        return False
+    if read_manifest(run.dir, run.name, run.variant).get("key") != run.key:
+        return False
+    verified_products(run.dir, run.name, run.variant)
+    return True
 
 
 def _git_state() -> dict[str, Any]:
@@ -458,10 +524,11 @@ def _package_versions() -> dict[str, str]:
 
 def write_manifest(run: StageRun, wall_time_s: float, extra: Mapping[str, Any] | None = None) -> Path:
     """Hash every output and write manifest.json last: from then on the stage counts as done."""
-    outputs = {}
+    outputs, stats = {}, {}
     for path in sorted(run.dir.rglob("*")):
         rel = path.relative_to(run.dir).as_posix()
         if path.is_file() and rel not in (MANIFEST, MANIFEST_EXTRA) and not rel.startswith("shards/") and not path.name.startswith("."):
+            stats[rel] = _file_stat(path)
             outputs[rel] = sha256_file(path)
     spec = STAGES[run.name]
     manifest = {
@@ -475,6 +542,7 @@ def write_manifest(run: StageRun, wall_time_s: float, extra: Mapping[str, Any] |
         "inputs": {f: sha256_file(REPO_ROOT / f) for f in spec.inputs},
         "code": {f: _code_fingerprint(f) for f in spec.code},
         "outputs": outputs,
+        "stats": stats,  # [bytes, mtime_ns] per output: verified_products' fast path
         "git": _git_state(),
         "packages": _package_versions(),
         "python": sys.version.split()[0],
@@ -496,18 +564,108 @@ def run_stage(
     run_name: str | None = None,
     force: bool = False,
     variant: str = "",
+    wait: bool = True,
 ) -> StageRun:
-    """Execute the stage notebook with papermill into its folder, unless its key is already done."""
-    import papermill
-
+    """Execute the stage notebook with papermill into its folder, unless its key is already done
+    (its products verified against its manifest). Holds the stage's lock throughout (stage_lock);
+    `force` recomputes from scratch in a staging folder swapped in only when complete."""
     overrides = dict(overrides or {})
     run = open_stage(stage, config_path, overrides, run_name, variant)
     label = f"{stage} {variant}".strip()
-    if is_done(run) and not force:
-        (run.dir / MANIFEST).touch()  # make compares mtimes; the content is already right
-        print(f"[{label}] up to date ({run.run_id}, key {run.key})")
+    with stage_lock(run.dir, label, wait=wait):
+        _recover_swap(run.dir)
+        if not force and is_done(run):
+            (run.dir / MANIFEST).touch()  # make compares mtimes; the content is already right
+            print(f"[{label}] up to date ({run.run_id}, key {run.key})")
+            return run
+        if not force:
+            (run.dir / MANIFEST).unlink(missing_ok=True)
+            _execute(run, config_path, overrides, run_name)
+            return run
+        # --force: recompute from nothing in a staging folder; the previous result and its manifest
+        # stay in place until the new one is complete
+        for stale in run.dir.parent.glob(f".{run.key}.force-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = run.dir.with_name(f".{run.key}.force-{os.getpid()}")
+        os.environ[STAGING_ENV] = str(staging)
+        try:
+            forced = open_stage(stage, config_path, overrides, run_name, variant)
+            _execute(forced, config_path, overrides, run_name)
+        except BaseException:
+            print(f"[{label}] --force failed; the previous result is untouched (partial work: {staging})")
+            raise
+        finally:
+            os.environ.pop(STAGING_ENV, None)
+        _swap_in(staging, run.dir)
         return run
-    (run.dir / MANIFEST).unlink(missing_ok=True)
+
+
+STAGING_ENV = "UDASA_STAGING_DIR"
+LOCK_SUFFIX = ".lock"
+
+
+@contextlib.contextmanager
+def stage_lock(folder: Path, label: str, wait: bool = True) -> Iterator[None]:
+    """Hold the stage folder's lock (filelock: an OS lock that dies with its process, so a kill
+    leaves nothing stale). A second run of the same stage and key waits for the holder, then
+    finds the stage done; with wait=False it raises StageError naming the holder."""
+    from filelock import FileLock, Timeout
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = folder.with_name(f".{folder.name}{LOCK_SUFFIX}")
+    holder_path = lock_path.with_name(lock_path.name + ".holder")
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = _read_holder(holder_path)
+        if not wait:
+            raise StageError(f"{label}: {folder} is locked by {holder}; wait for it or stop it") from None
+        print(f"[{label}] waiting for {holder}, which holds {lock_path}", flush=True)
+        lock.acquire()
+    try:
+        atomic_write_json(holder_path, {"pid": os.getpid(), "host": socket.gethostname(),
+                                        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                        "command": " ".join(sys.argv)})
+        yield
+    finally:
+        holder_path.unlink(missing_ok=True)
+        lock.release()
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text())
+        return f"process {holder['pid']} on {holder['host']} (since {holder['since']}: {holder['command']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replace `target` by the finished `staging` folder: two renames, so a crash between them
+    leaves the old result as `.<key>.previous`, which _recover_swap puts back."""
+    previous = target.with_name(f".{target.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(staging, target)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _recover_swap(target: Path) -> None:
+    """Undo a swap interrupted between its renames (the result folder gone, the previous one kept)."""
+    previous = target.with_name(f".{target.name}.previous")
+    if previous.exists() and not (target / MANIFEST).exists():
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(previous, target)
+
+
+def _execute(run: StageRun, config_path: Path | str, overrides: Mapping[str, Any], run_name: str | None) -> None:
+    """Run the stage notebook into run.dir with papermill, then write its manifest (the stage is done)."""
+    import papermill
+
+    stage, variant = run.name, run.variant
+    label = f"{stage} {variant}".strip()
     print(f"[{label}] running -> {run.run_dir / stage / variant}")
     started = time.time()
     try:
@@ -534,7 +692,6 @@ def run_stage(
         export_html(run.dir / f"{stage}.ipynb")
     write_manifest(run, time.time() - started)
     print(f"[{label}] done in {time.time() - started:.1f} s")
-    return run
 
 
 def run_through(
@@ -582,6 +739,37 @@ def schedule(cfg: config_mod.Config) -> tuple[int, int]:
     return jobs, max(1, threads // jobs)
 
 
+def _stage_state(cfg: config_mod.Config, stage: str, variant: str) -> str:
+    """One status line: the key and done / to run, or why the stage cannot be keyed or reused."""
+    try:
+        key = stage_key(cfg, stage, variant)
+    except StageError as error:
+        if "has not finished" in str(error):
+            return f"{'-' * 16}  waits for an upstream stage"
+        return f"{'-' * 16}  upstream broken: {error}"
+    folder = results_root() / ".stages" / stage / key
+    if not (folder / MANIFEST).exists():
+        return f"{key}  to run"
+    try:
+        verified_products(folder, stage, variant)
+    except StageError as error:
+        return f"{key}  broken: {error}"
+    return f"{key}  done"
+
+
+def verify_run(cfg: config_mod.Config) -> int:
+    """Check every finished stage of the config against its manifest; print the broken ones.
+    Returns the exit status of `pipeline verify`: 2 when any stage is broken, else 0."""
+    broken = 0
+    for stage in STAGES:
+        for variant in variants(cfg, stage):
+            state = _stage_state(cfg, stage, variant)
+            if "broken" in state:
+                broken += 1
+                print(f"error: {stage} {variant}".rstrip() + f": {state.split('broken: ', 1)[1]}", file=sys.stderr)
+    return min(broken, 1) * 2
+
+
 def _parse_sets(items: list[str]) -> dict[str, Any]:
     return dict(config_mod.parse_override(item) for item in items)
 
@@ -589,11 +777,14 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m udasa_lib.pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "run-dir", "status", "variants", "schedule"):
+    for name in ("run", "run-dir", "status", "verify", "variants", "schedule"):
         p = sub.add_parser(name)
         if name == "run":
             p.add_argument("stage", choices=list(STAGES))
-            p.add_argument("--force", action="store_true", help="rerun even if the stage is done")
+            p.add_argument("--force", action="store_true",
+                           help="recompute from scratch (a staging folder swapped in when complete)")
+            p.add_argument("--no-wait", action="store_true",
+                           help="stop instead of waiting when another process runs this stage")
             p.add_argument("--variant", default="", help="e.g. alignment/udasa for 04_train")
         if name == "variants":
             p.add_argument("stage", choices=list(STAGES))
@@ -605,7 +796,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = _parse_sets(args.set)
         if args.command == "run":
-            run_stage(args.stage, args.config, overrides, args.name, force=args.force, variant=args.variant)
+            run_stage(args.stage, args.config, overrides, args.name, force=args.force, variant=args.variant,
+                      wait=not args.no_wait)
+        elif args.command == "verify":
+            return verify_run(config_mod.resolve(_repo_path(args.config), overrides))
         elif args.command == "variants":
             names = variants(config_mod.resolve(_repo_path(args.config), overrides), args.stage)
             print(" ".join(training_order(names) if args.make_order and args.stage == "04_train" else names))
@@ -619,13 +813,7 @@ def main(argv: list[str] | None = None) -> int:
             for stage in STAGES:
                 for variant in variants(cfg, stage):
                     label = f"{stage} {variant}".strip()
-                    try:
-                        key = stage_key(cfg, stage, variant)
-                    except StageError:
-                        print(f"{label:32s} {'-' * 16}  waits for an upstream stage")
-                        continue
-                    done = (results_root() / ".stages" / stage / key / MANIFEST).exists()
-                    print(f"{label:32s} {key}  {'done' if done else 'to run'}")
+                    print(f"{label:32s} {_stage_state(cfg, stage, variant)}")
     except (config_mod.ConfigError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

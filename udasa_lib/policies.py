@@ -52,7 +52,10 @@ class PolicySet:
 
         from peft import PeftModel
 
-        policy = PeftModel.from_pretrained(copy.deepcopy(self.base), self.adapters[name]).merge_and_unload()
+        from udasa_lib.models import load_pretrained
+
+        policy = load_pretrained(lambda source: PeftModel.from_pretrained(copy.deepcopy(self.base), source),
+                                 str(self.adapters[name]), f"adapter of policy {name!r}").merge_and_unload()
         policy.eval()
         try:
             yield policy

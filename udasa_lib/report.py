@@ -33,6 +33,7 @@ import yaml
 
 from udasa_lib import REPO_ROOT
 from udasa_lib.config import dotted_get
+from udasa_lib.io import display_path
 
 SUPPORTED, CONTRADICTED, NO_DIFFERENCE = "supported", "contradicted", "no difference detected"
 INSTRUMENT_NOT_VALID, NOT_RUN = "instrument not valid", "not run"
@@ -448,9 +449,12 @@ def write_report(run) -> dict:
     """Stage 07_report: REPORT.md laid out as a results section (the claims with paired tests and
     verdicts; the instruments and their validity; every method against base; the preliminary
     study; seeds pooled when a seeds sweep trained on this run's pairs; then the method x metric
-    tables, figures, pairs, stage times, inferred choices and the resolved config), claims.csv,
-    controls.csv and results_table.csv; links results/<run>/report to this folder.
-    Returns {"path", "claims", "controls", "pooled", "wide": {task: table}, "inferred", "times", "validity"}."""
+    tables, figures, pairs, inferred choices and the resolved config), claims.csv,
+    controls.csv and results_table.csv; links results/<run>/report to this folder. Every file it
+    writes is the same bytes in any clone and on any rerun: the machine's facts (git state, stage
+    wall times, judge speed, when a sweep was made) are returned for the notebook to show instead.
+    Returns {"path", "claims", "controls", "pooled", "wide": {task: table}, "inferred", "times",
+    "validity", "cost_speed", "provenance"}."""
     import shutil
 
     from udasa_lib import diagnostics, metrics, pipeline, silhouette
@@ -502,6 +506,7 @@ def write_report(run) -> dict:
     # Sweeps are their own sets of runs (make sweep), not part of this stage's key: shown, dated, when
     # every point trained on this run's pairs
     sweeps_root, pairs_dir = pipeline.results_root() / "sweeps", run.upstream["03_pairs"]
+    sweeps_made: dict[str, str] = {}  # when each sweep shown was made: for the manifest, not the report
     frontier = sweeps_root / "sentiment_beta" / "frontier.png"
     frontier_note = "not run (`make sweep SWEEP=configs/sweeps/sentiment_beta.yaml`)"
     if frontier.exists():
@@ -509,8 +514,8 @@ def write_report(run) -> dict:
         if frontier_note is None:
             shutil.copyfile(frontier, figures_dir / "frontier.png")
             figures.append("frontier.png")
-            frontier_note = (f"from {frontier.parent}, made "
-                             f"{pd.Timestamp(frontier.stat().st_mtime, unit='s'):%Y-%m-%d %H:%M} UTC")
+            frontier_note = f"from `{display_path(frontier.parent, pipeline.results_root())}`"
+            sweeps_made["sentiment_beta"] = f"{pd.Timestamp(frontier.stat().st_mtime, unit='s'):%Y-%m-%d %H:%M} UTC"
     seeds_dir = sweeps_root / "seeds"
     spread, pooled = pd.DataFrame(), pd.DataFrame()
     spread_note = "one seed; `make sweep SWEEP=configs/sweeps/seeds.yaml` trains and evaluates seeds 0-2 on these pairs"
@@ -521,7 +526,8 @@ def write_report(run) -> dict:
             points = json.loads((seeds_dir / "points.json").read_text())
             pooled_table = pooled_units([metrics.unit_table(Path(p["run_dir"]), unit_stages) for p in points])
             pooled = render(decided(claim_rows(pooled_table, validity, judge, n_resamples, seed)))
-            spread_note = f"from {seeds_dir} ({len(points)} seeds)"
+            spread_note = f"from `{display_path(seeds_dir, pipeline.results_root())}` ({len(points)} seeds)"
+            sweeps_made["seeds"] = f"{pd.Timestamp((seeds_dir / 'summary.csv').stat().st_mtime, unit='s'):%Y-%m-%d %H:%M} UTC"
     times = stage_times(run_dir)
     sizes = pair_set_table(stage_summary)
     agreement = pd.DataFrame(prelim["agreement_by_stage"])
@@ -531,16 +537,21 @@ def write_report(run) -> dict:
     measured = pd.DataFrame([{"labelled set": r["dataset"], "instrument": r["instrument"],
                               "valid": "yes" if r["valid"] else "no", "figures": r["figures"]}
                              for r in measured_json["rows"]])
-    cost = pd.DataFrame([{"judge, role": name, "dtype": c.get("dtype", ""), "judgments": c["judgments"],
-                          "judgments/s": round(c["judgments_per_second"], 3)} for name, c in measured_json["cost"].items()])
+    # judgments per second are this machine's wall clock: 05_validity's manifest and 07_report.html show them
+    cost = pd.DataFrame([{"judge, role": name, "dtype": c.get("dtype", ""), "judgments": c["judgments"]}
+                         for name, c in measured_json["cost"].items()])
+    speed = json.loads((run.upstream["05_validity"] / "manifest.json").read_text()).get("extra", {}).get("cost", {})
+    cost_speed = pd.DataFrame([{"judge, role": name, "judgments/s": round(c["judgments_per_second"], 3)}
+                               for name, c in speed.items() if "judgments_per_second" in c])
     counts = dict(Counter(r["verdict"] for r in claim_results))
     family = sum(math.isfinite(r["p (Holm)"]) for r in claim_results)
     lines = [
         f"# UDASA / UAL replication report: run `{run.run_id}`", "",
-        f"Config `{resolved['config_file']}` with overrides `{json.dumps(resolved['overrides'])}`; policy model "
-        f"`{resolved['config']['model']['name_or_path']}`; git commit `{manifest_harmless['git']['commit']}`"
-        f"{' (dirty tree)' if manifest_harmless['git']['dirty'] else ''}; seed {resolved['config']['seed']}. "
-        f"Sum of stage wall times: {times.wall_time_s.sum() / 60:.1f} min.", "",
+        # Byte-identical in every clone and on every rerun: no absolute path, no git state, no wall
+        # times here (each stage's manifest.json has them, and 07_report.html shows them).
+        f"Config `{display_path(resolved['config_file'])}` with overrides `{json.dumps(resolved['overrides'], sort_keys=True)}`; "
+        f"policy model `{resolved['config']['model']['name_or_path']}`; seed {resolved['config']['seed']}. "
+        "The code's git commit and each stage's wall time are in the stage manifests and in 07_report.html.", "",
         "## Results: the papers' claims, tested", "",
         "Verdicts: " + ", ".join(f"{v}: {n}" for v, n in counts.items()) + ". Each claim compares two policies on the "
         "same held-out units (prompts, questions or responses; sampled evaluations draw sample j of prompt i with the "
@@ -589,7 +600,8 @@ def write_report(run) -> dict:
         "its compliance rates can flatter methods trained on its preferences: read them beside the judged rates and "
         "the refusal rates.", "", markdown(validity_table), "",
         "Everything 05_validity measured, per labelled set (also the judges this run did not use, such as the "
-        "policy's base model judging itself), and what each judge costs here:", "", markdown(measured),
+        "policy's base model judging itself), and how many judgments each judge made (their speed on this "
+        "machine: 05_validity's manifest, 07_report.html):", "", markdown(measured),
         "", markdown(cost), "",
         "## Controls: every trained method against base", "",
         "The same paired machinery, one Holm family; `higher` / `lower` say which way the method moved from base "
@@ -620,7 +632,6 @@ def write_report(run) -> dict:
         "", f"Beta-sweep frontier: {frontier_note}.", "",
         "## Pairs and stages", "", markdown(sizes),
         "Responses cut at max_new_tokens (trained without an EOS):", "", markdown(cut_table(stage_summary)),
-        "## Stage wall times (this machine)", "", markdown(times),
         "## Inferred choices", "", markdown(inferred),
         "## Resolved config", "", "```yaml", yaml.safe_dump(resolved["config"], sort_keys=False).rstrip(), "```", ""]
     report_path = atomic_write_text(run.dir / REPORT_FILE, "\n".join(lines))
@@ -629,9 +640,12 @@ def write_report(run) -> dict:
     atomic_write_text(run.dir / CONTROL_CLAIMS_FILE, against_controls.to_csv(index=False))
     atomic_write_text(run.dir / ORACLE_FILE, oracle.to_csv(index=False))
     atomic_write_text(run.dir / TABLE_FILE, table.to_csv(index=False))
-    pipeline.link(run_dir / "report", run.dir)
-    run.add_to_manifest(verdicts=counts, figures=figures)
+    pipeline.link(run_dir / "report", run.home)  # not run.dir: under --force that is the staging folder
+    run.add_to_manifest(verdicts=counts, figures=figures, sweeps_made=sweeps_made)
+    provenance = {"git": manifest_harmless["git"], "config_file": resolved["config_file"],
+                  "stage_wall_time_min": round(float(times.wall_time_s.sum()) / 60, 1) if not times.empty else 0.0,
+                  "sweeps_made": sweeps_made}
     return {"path": run_dir / "report" / REPORT_FILE, "claims": claims, "controls": controls, "pooled": pooled,
             "against_controls": against_controls, "oracle": oracle,
             "wide": wide, "inferred": inferred, "times": times, "validity": validity_table,
-            "report_path": report_path}
+            "cost_speed": cost_speed, "provenance": provenance, "report_path": report_path}

@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from udasa_lib import generation
-from udasa_lib.config import principle_count  # the rule config validation applies
-from udasa_lib.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from udasa_lib.config import ConfigError, principle_count  # the rule config validation applies
+# SchemaError, not data.DataError: importing udasa_lib.data would put the sentiment ground truth
+# within reach of scoring (tests/test_score.py checks the import closure)
+from udasa_lib.io import SchemaError, atomic_write_json, atomic_write_jsonl, read_jsonl
 
 PROMPT_SCHEMA = {"id": str, "text": str}
 SAMPLE_SCHEMA = {"prompt_id": str, "task": str, "prompt": str, "formatted_prompt": str, "prompt_token_ids": list,
@@ -43,13 +45,22 @@ RESPONSE_SCHEMA = {"sample_id": str, "text": str, "token_ids": list, "token_logp
 SAMPLES_FILE = "samples.jsonl"
 
 
-def select_prompts(data_dir: Path, sources: dict[str, int]) -> list[dict]:
-    """The first n prompts of each named split (splits are already shuffled by 00_data)."""
+def select_prompts(data_dir: Path, sources: dict[str, int], task: str = "<task>") -> list[dict]:
+    """The first n prompts of each named split (splits are already shuffled by 00_data).
+
+    Raises SchemaError when a split file holds no prompt, and ConfigError when
+    sample.tasks.<task>.sources.<split> asks for more prompts than the split holds (no silent
+    minimum: the run would otherwise sample fewer prompts than its config says); both name the
+    split file and that key."""
     prompts = []
     for split, count in sources.items():
-        records = read_jsonl(data_dir / f"{split}.jsonl", PROMPT_SCHEMA)
+        path = Path(data_dir) / f"{split}.jsonl"
+        key = f"sample.tasks.{task}.sources.{split}"
+        records = read_jsonl(path, PROMPT_SCHEMA)
+        if not records:
+            raise SchemaError(f"{key}: split file {path} holds no prompts (rerun 00_data, or drop the split)")
         if len(records) < count:
-            raise ValueError(f"sample.tasks: split {split!r} has {len(records)} prompts, {count} requested")
+            raise ConfigError(f"{key}: split {split!r} has {len(records)} prompts, {count} requested ({path})")
         prompts.extend(records[:count])
     return prompts
 
@@ -113,7 +124,7 @@ def sample_task(run, task: str, model, tokenizer, rank: int = 0, world: int = 1,
 
     cfg = run.config.sample
     task_cfg = cfg.tasks[task]
-    prompts = select_prompts(run.upstream["00_data"], task_cfg.sources)
+    prompts = select_prompts(run.upstream["00_data"], task_cfg.sources, task)
     n_principle = principle_count(task_cfg.principle_share, cfg.k)
     principle = None
     if n_principle:
@@ -256,7 +267,9 @@ def run_sampling(run) -> dict:
                    "--config", str(run.config_path), "--overrides", json.dumps(run.overrides),
                    "--name", run.run_name]
         subprocess.run(command, check=True)
-        timing = json.loads((run.dir / "timing.json").read_text())
+        from udasa_lib.pipeline import MANIFEST_EXTRA
+
+        timing = json.loads((run.dir / MANIFEST_EXTRA).read_text())["timing"]  # written by main() on rank 0
     elif cpu_workers > 1:
         timing = _sample_in_workers(run, cpu_workers)
     else:
@@ -265,7 +278,7 @@ def run_sampling(run) -> dict:
     tokens = sum(c["tokens"] for c in timing["per_task"].values())
     seconds = sum(c["seconds"] for c in timing["per_task"].values())
     timing["tokens_per_s_this_session"] = round(tokens / seconds, 1) if seconds and tokens else None
-    atomic_write_json(run.dir / "timing.json", timing)
+    run.add_to_manifest(timing=timing)  # wall times live in the manifest, never in a product
     summary = summarize(load_samples(run.dir / SAMPLES_FILE))
     atomic_write_json(run.dir / "summary.json", summary)
     return {"summary": summary, "timing": timing}
@@ -287,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     timing = _sample_in_process(run, state.process_index, state.num_processes, device=str(state.device))
     state.wait_for_everyone()
     if state.is_main_process:
-        atomic_write_json(run.dir / "timing.json", timing)
+        run.add_to_manifest(timing=timing)
     return 0
 
 

@@ -197,9 +197,10 @@ class Embedder:
     def __init__(self, name_or_path: str):
         from sentence_transformers import SentenceTransformer
 
-        from udasa_lib.models import resolve_name_or_path
+        from udasa_lib.models import load_pretrained
 
-        self.model = SentenceTransformer(resolve_name_or_path(name_or_path), device="cpu")
+        self.model = load_pretrained(lambda source: SentenceTransformer(source, device="cpu"), name_or_path,
+                                     "sentence-transformers embedder")
         self.max_seq_length = self.model.max_seq_length  # the harm probe may share the model and change it
         self.cache: dict[str, np.ndarray] = {}
 
@@ -219,11 +220,11 @@ class NLIEntailment:
     def __init__(self, name_or_path: str, device: str = "cpu"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from udasa_lib.models import resolve_name_or_path
+        from udasa_lib.models import load_pretrained
 
-        path = resolve_name_or_path(name_or_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_path, "NLI tokenizer")
+        self.model = load_pretrained(AutoModelForSequenceClassification.from_pretrained, name_or_path,
+                                     "NLI classifier").to(device).eval()
         labels = {i: l.lower() for i, l in self.model.config.id2label.items()}
         entail = [i for i, l in labels.items() if l.startswith("entail")]
         if not entail:
@@ -393,7 +394,9 @@ def run_scoring(run) -> dict:
     records = load_samples(run.upstream["01_sample"] / SAMPLES_FILE)
     scored, report = score_with_config(records, run)
     atomic_write_jsonl(run.dir / SCORES_FILE, scored)
-    atomic_write_json(run.dir / "scorers.json", report)
+    # the file: what scored the responses; the wall times: the manifest only (files are the same
+    # bytes on every rerun)
+    atomic_write_json(run.dir / "scorers.json", {k: v for k, v in report.items() if k != "seconds"})
     run.add_to_manifest(scorers=report["scorers"], seconds=report["seconds"])
     return report
 

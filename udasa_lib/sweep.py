@@ -37,26 +37,52 @@ class Sweep:
 
 
 def load_sweep(path: Path | str) -> Sweep:
+    """Read and check a sweep file, then resolve every grid point's config.
+
+    Raises ConfigError naming the sweep file and the key when the file is missing or not a
+    mapping, a top-level key is unknown (e.g. misspelled) or missing, `set`/`grid`/`plot` or a grid
+    axis is not a mapping, an axis's `keys` is not a list of dotted keys or its `values` not a
+    non-empty list, or a point's overrides do not resolve (before the first run starts)."""
     path = Path(path)
     if not path.exists():
         raise config_mod.ConfigError(f"{path}: sweep file not found")
-    raw = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(raw) - SWEEP_KEYS)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise config_mod.ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(raw, dict):
+        raise config_mod.ConfigError(f"{path}: top level must be a mapping of {', '.join(sorted(SWEEP_KEYS))}, "
+                                     f"got a {type(raw).__name__}")
+    unknown = sorted(set(raw) - SWEEP_KEYS, key=str)
     if unknown:
         raise config_mod.ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(SWEEP_KEYS))})")
     for key in ("config", "through", "grid"):
         if key not in raw:
             raise config_mod.ConfigError(f"{path}: missing key {key!r}")
+    for key in ("set", "grid", "plot"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise config_mod.ConfigError(f"{path}: {key} must be a mapping, got a {type(raw[key]).__name__}")
     if raw["through"] not in pipeline.STAGES:
         raise config_mod.ConfigError(f"{path}: through: unknown stage {raw['through']!r}")
     axes = {}
-    for axis, spec in raw["grid"].items():
-        if not isinstance(spec, dict) or set(spec) != {"keys", "values"} or not spec["values"]:
+    for axis, spec in (raw["grid"] or {}).items():
+        if not isinstance(spec, dict) or set(spec) != {"keys", "values"}:
             raise config_mod.ConfigError(f"{path}: grid.{axis} needs `keys` (dotted config keys) and non-empty `values`")
-        axes[axis] = (tuple(spec["keys"]), tuple(spec["values"]))
+        keys, values = spec["keys"], spec["values"]
+        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+            raise config_mod.ConfigError(f"{path}: grid.{axis}.keys must be a non-empty list of dotted config keys, "
+                                         f"got {keys!r}")
+        if not isinstance(values, list) or not values:
+            raise config_mod.ConfigError(f"{path}: grid.{axis}.values must be a non-empty list, got {values!r}")
+        axes[axis] = (tuple(keys), tuple(values))
+    if not axes:
+        raise config_mod.ConfigError(f"{path}: grid has no axis")
     sweep = Sweep(path.stem, raw["config"], raw["through"], dict(raw.get("set") or {}), axes, dict(raw.get("plot") or {}))
     for point in points(sweep):  # fail on a bad key before the first run starts
-        config_mod.resolve(pipeline._repo_path(sweep.config), point_overrides(sweep, point))
+        try:
+            config_mod.resolve(pipeline._repo_path(sweep.config), point_overrides(sweep, point))
+        except config_mod.ConfigError as error:
+            raise config_mod.ConfigError(f"{path}: point {point}: {error}") from None
     return sweep
 
 

@@ -42,6 +42,18 @@ STAGE_DONE = "stage.json"
 CURVES_FILE = "curves.csv"
 CURVES_FIGURE = "curves.png"
 TRAIN_LOG = "train_log.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_CARD = "README.md"
+# peft keeps these LoraConfig fields as sets and writes them in the process's hash-seed order
+ADAPTER_SET_FIELDS = ("target_modules", "exclude_modules")
+# trl's log entries, in the fixed column order of curves.csv (no timing columns: train_runtime,
+# *_per_second are wall-clock facts and stay out of every file but the manifest)
+CURVE_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "mean_token_accuracy", "learning_rate", "grad_norm", "epoch")
+CURVE_COLUMNS = ("stage", "step", *CURVE_METRICS)
+# a stage's wall-clock facts: kept out of stage.json and train_log.json (files in the stage folder
+# must be byte-identical between identical runs), recorded in the manifest only
+TIMING_KEYS = ("seconds", "pairs_per_s")
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -75,7 +87,17 @@ def training_records(rows: list[dict], spec: MethodSpec, epsilons: dict[str, flo
         if epsilons is not None:
             record[EPSILON_KEY] = epsilons[row["pair_id"]]
         records.append(record)
-    return records
+    return TrainingRecords(records, [row.get("pair_id", f"#{i}") for i, row in enumerate(rows)])
+
+
+class TrainingRecords(list):
+    """training_records' list, with each record's pair id beside it in `pair_ids` (same order), so
+    that fit_to_length can name the pairs it drops: an id column in the records themselves would
+    reach trl's column pruning and collator."""
+
+    def __init__(self, records: Sequence[dict], pair_ids: Sequence[str]):
+        super().__init__(records)
+        self.pair_ids = list(pair_ids)
 
 
 def length_fit(record: dict, max_length: int) -> str:
@@ -92,17 +114,38 @@ def length_fit(record: dict, max_length: int) -> str:
     return "completion_cut" if any(prompt + c > max_length for c in completions) else "fits"
 
 
-def fit_to_length(records: list[dict], max_length: int, label: str) -> tuple[list[dict], dict[str, int]]:
-    """Drop records whose prompt alone fills max_length (no completion token would be trained) and
-    warn about them and about completions trl will cut; returns (kept records, counts)."""
+OVER_LONG_EXAMPLES = 5  # pair ids named per stage in the warning and the manifest
+
+
+def fit_to_length(records: list[dict], max_length: int, label: str,
+                  pair_ids: Sequence[str] | None = None) -> tuple[list[dict], dict[str, Any]]:
+    """Drop records whose prompt alone fills max_length (trl's keep_start truncation would leave
+    no completion token to train on) and warn about them and about completions trl will cut, with
+    the count and the first pair ids of each. `pair_ids` defaults to those training_records keeps
+    beside its records, else record positions (#i).
+
+    Returns (kept records, counts): {"over_long_prompts": pairs dropped, "completion_cut": pairs
+    kept with a cut completion, "over_long_prompt_examples" and "completion_cut_examples": their
+    first ids}. 04_train logs it per stage as `max_length`, which the manifest records under
+    train.stages[i].max_length."""
     import warnings
 
+    if pair_ids is None:
+        pair_ids = getattr(records, "pair_ids", None) or [f"#{i}" for i in range(len(records))]
     fits = [length_fit(r, max_length) for r in records]
-    counts = {kind: fits.count(kind) for kind in ("prompt_fills", "completion_cut")}
-    if counts["prompt_fills"] or counts["completion_cut"]:
-        warnings.warn(f"{label}: train.max_length={max_length}: {counts['prompt_fills']} pair(s) dropped (prompt fills "
-                      f"it), {counts['completion_cut']} with a completion cut to fit", stacklevel=2)
-    return [r for r, fit in zip(records, fits) if fit != "prompt_fills"], counts
+    over_long = [pid for pid, fit in zip(pair_ids, fits) if fit == "prompt_fills"]
+    cut = [pid for pid, fit in zip(pair_ids, fits) if fit == "completion_cut"]
+    counts = {"over_long_prompts": len(over_long), "completion_cut": len(cut),
+              "over_long_prompt_examples": over_long[:OVER_LONG_EXAMPLES],
+              "completion_cut_examples": cut[:OVER_LONG_EXAMPLES]}
+    if over_long:
+        warnings.warn(f"{label}: train.max_length={max_length}: {len(over_long)} pair(s) dropped, their prompt "
+                      f"alone fills it (e.g. {', '.join(over_long[:OVER_LONG_EXAMPLES])})", stacklevel=2)
+    if cut:
+        warnings.warn(f"{label}: train.max_length={max_length}: {len(cut)} pair(s) with a completion cut to fit "
+                      f"(e.g. {', '.join(cut[:OVER_LONG_EXAMPLES])})", stacklevel=2)
+    kept = [(r, pid) for r, pid, fit in zip(records, pair_ids, fits) if fit != "prompt_fills"]
+    return TrainingRecords([r for r, _ in kept], [pid for _, pid in kept]), counts
 
 
 def smoothing_for(rows: list[dict], spec: MethodSpec, ual) -> dict[str, float] | None:
@@ -201,19 +244,73 @@ def _new_adapter(model, cfg):
 
 
 def _log_rows(history: list[dict], stage_name: str) -> list[dict]:
-    keep = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-            "mean_token_accuracy", "learning_rate", "grad_norm", "epoch")
     rows = []
     for entry in history:
         if "loss" in entry and "step" in entry:
-            rows.append({"stage": stage_name, "step": entry["step"], **{k: entry.get(k) for k in keep}})
+            rows.append({"stage": stage_name, "step": entry["step"], **{k: entry.get(k) for k in CURVE_METRICS}})
     return rows
 
 
 def _write_curves(path: Path, rows: list[dict]) -> None:
+    """curves.csv in CURVE_COLUMNS order whatever the rows' key order: a finished stage's rows come
+    back from its stage.json with sorted keys, a fresh stage's in logging order, and a resumed run
+    must write the same bytes as an uninterrupted one."""
     import pandas as pd
 
-    atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False))
+    frame = pd.DataFrame([{column: row.get(column) for column in CURVE_COLUMNS} for row in rows],
+                         columns=list(CURVE_COLUMNS))
+    atomic_write_text(path, frame.to_csv(index=False))
+
+
+def without_timing(log: Any) -> Any:
+    """`log` without its wall-clock entries (TIMING_KEYS, at any depth): what may enter a file."""
+    if isinstance(log, dict):
+        return {k: without_timing(v) for k, v in log.items() if k not in TIMING_KEYS}
+    if isinstance(log, list):
+        return [without_timing(v) for v in log]
+    return log
+
+
+def canonicalize_adapter(folder: Path | str, base_model: str) -> Path:
+    """Make a peft adapter folder that `save_pretrained` wrote byte-stable and location-independent:
+    adapter_config.json with its set-valued fields (target_modules, ...) sorted, since peft writes
+    a set in the process's hash-seed order, and `base_model_name_or_path` set to `base_model` (the
+    config's model.name_or_path as written, e.g. a repo-relative folder) instead of the absolute
+    path the base was loaded from; README.md (peft's model card, which names that absolute path)
+    replaced by a short card naming `base_model`. Loading is unaffected: every loader here hands
+    the base model to PeftModel itself. Returns the folder."""
+    folder = Path(folder)
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    config["base_model_name_or_path"] = base_model
+    for key in ADAPTER_SET_FIELDS:
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    atomic_write_json(folder / ADAPTER_CONFIG, config)
+    card = ["---", f"base_model: {json.dumps(base_model)}", "library_name: peft", "---", "",
+            f"LoRA adapter (peft {config.get('peft_version') or ''}) on `{base_model}`, trained by this "
+            "project's stage 04_train; the stage folder's train_log.json and manifest.json say how.", ""]
+    atomic_write_text(folder / ADAPTER_CARD, "\n".join(card))
+    return folder
+
+
+def _save_adapter(model, folder: Path, base_model: str) -> Path:
+    model.save_pretrained(folder, selected_adapters=["default"])
+    return canonicalize_adapter(folder, base_model)
+
+
+def _recorded_timing(run) -> dict:
+    from udasa_lib.pipeline import MANIFEST_EXTRA
+
+    path = run.dir / MANIFEST_EXTRA
+    return json.loads(path.read_text()).get("train_timing", {}) if path.exists() else {}
+
+
+def _record_timing(run, stage_name: str, timing: dict) -> dict:
+    """Add one stage's wall-clock facts to the manifest's extra (it outlives an interruption, so a
+    resumed run still reports the finished stages' times); returns every stage's so far."""
+    recorded = {**_recorded_timing(run), stage_name: timing}
+    run.add_to_manifest(train_timing=recorded)
+    return recorded
 
 
 def train_variant(run, is_main_process: bool = True, world_size: int = 1) -> dict:
@@ -223,7 +320,7 @@ def train_variant(run, is_main_process: bool = True, world_size: int = 1) -> dic
     from peft import PeftModel
     from transformers import set_seed
 
-    from udasa_lib.models import configure_threads, load_causal_lm, resolve_device, resolve_dtype
+    from udasa_lib.models import configure_threads, load_causal_lm, load_pretrained, resolve_device, resolve_dtype
     from udasa_lib.on_policy import resample_stage
 
     cfg = run.config
@@ -265,12 +362,14 @@ def train_variant(run, is_main_process: bool = True, world_size: int = 1) -> dic
         if done_marker.exists():  # resume: this stage finished in an earlier, interrupted run
             resume_from = stage_dir
             finished = json.loads(done_marker.read_text())
-            log["stages"].append({**finished["log"], "resumed": True})
+            timing = _recorded_timing(run).get(stage_name, {})
+            log["stages"].append({**finished["log"], **timing, "resumed": True})
             curves.extend(finished["curves"])
             continue
         if model is None:
-            model = (PeftModel.from_pretrained(base, resume_from, is_trainable=True) if resume_from
-                     else _new_adapter(base, cfg))
+            # a resumed stage's adapter is loaded like any model: a truncated file is named
+            model = (load_pretrained(lambda source: PeftModel.from_pretrained(base, source, is_trainable=True),
+                                     str(resume_from), "adapter") if resume_from else _new_adapter(base, cfg))
         on_policy, stage_reference = None, shared_reference
         if cfg.train.on_policy and spec.staged and index > 0:
             fresh, on_policy = resample_stage(run, model, tokenizer, stage_rows(rows, stage_name), spec, stage_name, index)
@@ -302,23 +401,31 @@ def train_variant(run, is_main_process: bool = True, world_size: int = 1) -> dic
                      "epochs": round(trainer.state.global_step * pairs_per_step / len(records), 3),
                      "beta": cfg.train.beta[stage_name] if spec.objective == "dpo" else None,
                      "reference_used": reference, "on_policy": on_policy,
-                     "shared_reference_table": None if stage_reference is None else stage_reference.path.name,
-                     "seconds": round(time.time() - started, 2),
-                     "pairs_per_s": round(trainer.state.global_step * pairs_per_step / (time.time() - started), 3)}
+                     "shared_reference_table": None if stage_reference is None else stage_reference.path.name}
+        seconds = time.time() - started
+        timing = {"seconds": round(seconds, 2),
+                  "pairs_per_s": round(trainer.state.global_step * pairs_per_step / seconds, 3)}
         if is_main_process:
-            model.save_pretrained(stage_dir, selected_adapters=["default"])
-            atomic_write_json(done_marker, {"log": stage_log, "curves": stage_curves})
+            _save_adapter(model, stage_dir, cfg.model.name_or_path)
+            atomic_write_json(done_marker, {"log": without_timing(stage_log), "curves": stage_curves})
+            _record_timing(run, stage_name, timing)
         trainer.accelerator.wait_for_everyone()
-        log["stages"].append(stage_log)
+        log["stages"].append({**stage_log, **timing})
         curves.extend(stage_curves)
         del trainer
     if is_main_process:
         final = adapters / "final"
         with atomic_folder(final) as staging:
             shutil.copytree(adapters / f"{len(stage_names)}_{stage_names[-1]}", staging, ignore=shutil.ignore_patterns(STAGE_DONE))
+            canonicalize_adapter(staging, cfg.model.name_or_path)  # also a stage saved before canonicalisation
         _write_curves(run.dir / CURVES_FILE, curves)
         log["adapter_sha256"] = adapter_hash(final)
-        atomic_write_json(run.dir / TRAIN_LOG, log)
+        # the file: what was trained, identical between identical runs; the manifest: all of it,
+        # with each stage's wall time, whether it was resumed, and the threads (see run_training)
+        atomic_write_json(run.dir / TRAIN_LOG, without_timing(
+            {**{k: v for k, v in log.items() if k != "threads"},
+             "stages": [{k: v for k, v in stage.items() if k != "resumed"} for stage in log["stages"]]}))
+        run.add_to_manifest(train=log)
         shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)
     return log
 
@@ -354,8 +461,7 @@ def plot_curves(stage_dir: Path, title: str) -> Path:
 def run_training(run) -> dict:
     """Stage 04_train for one variant: train (in this process, or under `accelerate launch` when
     runtime.num_processes > 1), record the log in the manifest, draw curves.png."""
-    log = _train(run)
-    run.add_to_manifest(train=log)
+    log = _train(run)  # train_variant recorded it in the manifest (also under accelerate launch)
     plot_curves(run.dir, run.variant)
     return log
 
@@ -373,7 +479,9 @@ def _train(run) -> dict:
         command += ["-m", "udasa_lib.train", "--config", str(run.config_path), "--overrides",
                     json.dumps(run.overrides), "--name", run.run_name, "--variant", run.variant]
         subprocess.run(command, check=True)
-        return json.loads((run.dir / TRAIN_LOG).read_text())
+        from udasa_lib.pipeline import MANIFEST_EXTRA
+
+        return json.loads((run.dir / MANIFEST_EXTRA).read_text())["train"]
     return train_variant(run)
 
 

@@ -257,8 +257,9 @@ def _record(dataset: str, instrument: str, kind: str, what: str, figures: dict) 
 
 def run_validity(run) -> dict:
     """Stage 05_validity (module docstring): validity.json (per instrument, its figures on each labelled
-    set, and each judge's cost in judgments/s), validity.csv, judgments.jsonl (every example's score
-    per instrument, for reading the errors) and validity.png. Returns {"rows", "cost"}."""
+    set, and each judge's judgment counts; their speed in judgments/s goes to the manifest only),
+    validity.csv, judgments.jsonl (every example's score per instrument, for reading the errors) and
+    validity.png. Returns {"rows", "cost" (with judgments/s)}."""
     import pandas as pd
 
     from udasa_lib import instruments
@@ -342,7 +343,10 @@ def run_validity(run) -> dict:
                 + [{"dataset": PAIR_SET, **p, **{k: float(v[i]) for k, v in pair_scores.items()}}
                    for i, p in enumerate(pairs)])
     atomic_write_jsonl(run.dir / EXAMPLES_FILE, examples)
-    atomic_write_json(run.dir / VALIDITY_FILE, {"rows": rows, "cost": cost, "judges": [list(j) for j in judges_of(cfg)],
+    # judgments per second are this machine's wall clock: the manifest has them, the product not (it
+    # must be the same bytes on every rerun, or 07_report's key would change)
+    counts = {name: {k: v for k, v in c.items() if k != "judgments_per_second"} for name, c in cost.items()}
+    atomic_write_json(run.dir / VALIDITY_FILE, {"rows": rows, "cost": counts, "judges": [list(j) for j in judges_of(cfg)],
                                                 "sets": {HARM_SET: len(harm), REFUSAL_SET: len(refusal),
                                                          PAIR_SET: len(pairs)}})
     table = pd.DataFrame([{"dataset": r["dataset"], "instrument": r["instrument"], "valid": r["valid"],

@@ -349,8 +349,11 @@ class HarmProbe:
     def _encode(self, texts: list[str], max_tokens: int) -> np.ndarray:
         from sentence_transformers import SentenceTransformer
 
+        from udasa_lib.models import load_pretrained
+
         if self._embedder is None:
-            self._embedder = SentenceTransformer(_resolve_embedder(self.embedder_path), device="cpu")
+            self._embedder = load_pretrained(lambda source: SentenceTransformer(source, device="cpu"),
+                                             _resolve_embedder(self.embedder_path), "harm probe embedder")
         # many responses repeat (stock refusals) and prompts repeat per graded response
         unique = sorted(set(texts))
         known: dict[str, np.ndarray] = {}
@@ -484,7 +487,7 @@ def fit_probe(examples: Sequence[dict], embedder_path: str | os.PathLike | None 
         "class_counts_train": class_counts([examples[i] for i in train]),
         "class_counts_test": class_counts([examples[i] for i in test]),
         "seed": seed, "test_fraction": test_fraction,
-        "embedder": probe.embedder_path or _resolve_embedder(None),
+        "embedder": probe.embedder_path or DEFAULT_EMBEDDER,  # as configured, or the default's name: no absolute path
         "seconds": {"embed": round(embed_seconds, 2), "total": round(time.time() - started, 2)},
     }
     return probe, metrics
