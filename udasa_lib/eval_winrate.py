@@ -132,7 +132,8 @@ class LocalJudge:
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         budget = self.max_length - self._overhead
         if budget < 3:
-            raise ValueError(f"max_length={self.max_length} leaves no room for the texts in the template")
+            raise ValueError(f"max_length={self.max_length} leaves no room for the texts: the judge's template alone "
+                             f"takes {self._overhead} tokens (eval_winrate.max_length; paper.yaml uses 4096)")
         cap = _water_fill_cap([len(i) for i in ids], budget)
         if cap is None:
             return texts
@@ -225,7 +226,7 @@ def run_eval_winrate(run) -> dict:
     methods = [v.split("/")[1] for v in variants(cfg, "04_train") if v.startswith("alignment/")]
     base = [r for r in read_jsonl(generation_dir / f"{BASE}.jsonl") if r["split"] == "benign"]
     judge_name = params.judge or cfg.model.name_or_path
-    judge_model, judge_tokenizer = load_causal_lm(judge_name, params.judge_dtype, cfg.runtime.device)
+    judge_model, judge_tokenizer = load_causal_lm(judge_name, params.judge_dtype, cfg.runtime.device, shard=True)
     judge = LocalJudge(judge_model, judge_tokenizer, max_length=params.max_length)
     annotations, rows = [], []
     for method in methods:

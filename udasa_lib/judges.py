@@ -106,5 +106,5 @@ def load_role_judge(name_or_path: str, dtype: str, device: str, max_response_tok
     """A RoleJudge on `name_or_path` (hub id or local folder), loaded by the project's one model loader."""
     from udasa_lib.models import load_causal_lm
 
-    model, tokenizer = load_causal_lm(name_or_path, dtype, device)
+    model, tokenizer = load_causal_lm(name_or_path, dtype, device, shard=True)
     return RoleJudge(model, tokenizer, str(name_or_path), max_response_tokens, batch_size)

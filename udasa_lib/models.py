@@ -143,14 +143,23 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left"):
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "auto", device: str = "auto"):
+def load_causal_lm(name_or_path: str, dtype: str = "auto", device: str = "auto", shard: bool = False):
     """Return (model in eval mode on its device, tokenizer).
+
+    `shard=True` (the judges: paper.yaml names a 72B one, about 145 GB in bf16, more than one GPU
+    holds) spreads the layers over every visible GPU with accelerate's device_map="auto" when
+    the device is CUDA and more than one GPU is visible; otherwise the model goes to `device`.
     Raises ModelLoadError (load_pretrained) when the model or its tokenizer cannot be loaded."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    model = load_pretrained(lambda source: AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype),
-                            name_or_path, "causal LM").to(torch_device)
+    if shard and torch_device.type == "cuda" and torch.cuda.device_count() > 1:
+        model = load_pretrained(lambda source: AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, device_map="auto"), name_or_path, "causal LM")
+    else:
+        model = load_pretrained(lambda source: AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype),
+                                name_or_path, "causal LM").to(torch_device)
     model.eval()
     return model, load_tokenizer(name_or_path)

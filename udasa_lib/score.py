@@ -215,35 +215,71 @@ class Embedder:
 
 
 class NLIEntailment:
-    """Entailment judgements from any sequence-classification NLI model with an 'entail*' label."""
+    """Entailment judgements from any sequence-classification NLI model (transformers'
+    AutoModelForSequenceClassification) whose config names an 'entail*' label in id2label.
+
+    The label order is read from the model's config, never assumed: microsoft/deberta-large-mnli
+    puts ENTAILMENT at index 2, other MNLI models at 0. A pair is (premise, hypothesis), encoded as
+    the tokenizer's own text pair. Raises ModelLoadError (models.load_pretrained) when the model
+    cannot be loaded and ValueError when no label starts with 'entail'."""
+
+    batch_size = 64  # pairs per forward pass
 
     def __init__(self, name_or_path: str, device: str = "cpu"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from udasa_lib.models import load_pretrained
+        from udasa_lib.models import load_pretrained, resolve_device, resolve_dtype
 
+        torch_device = resolve_device(device)
         self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_path, "NLI tokenizer")
-        self.model = load_pretrained(AutoModelForSequenceClassification.from_pretrained, name_or_path,
-                                     "NLI classifier").to(device).eval()
-        labels = {i: l.lower() for i, l in self.model.config.id2label.items()}
-        entail = [i for i, l in labels.items() if l.startswith("entail")]
+        if self.tokenizer.pad_token is None:  # decoder-style classifiers ship without one
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = load_pretrained(
+            lambda source: AutoModelForSequenceClassification.from_pretrained(
+                source, dtype=resolve_dtype("auto", torch_device)),
+            name_or_path, "NLI classifier").to(torch_device).eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.labels = {int(i): str(label).lower() for i, label in self.model.config.id2label.items()}
+        entail = [i for i, label in sorted(self.labels.items()) if label.startswith("entail")]
         if not entail:
-            raise ValueError(f"NLI model {name_or_path}: no entailment label among {labels}")
+            raise ValueError(f"NLI model {name_or_path}: no entailment label among {self.labels} (config id2label)")
         self.entail_index = entail[0]
 
     def probabilities(self, premises: Sequence[str], hypotheses: Sequence[str]) -> np.ndarray:
-        """P(entailment | premise, hypothesis) per pair, and whether it is the argmax class."""
+        """Class probabilities, shape [n_pairs, n_labels] in the config's label order."""
         import torch
 
-        encoded = self.tokenizer(list(premises), list(hypotheses), return_tensors="pt", padding=True,
-                                 truncation=True).to(self.model.device)
-        with torch.inference_mode():
-            probs = torch.softmax(self.model(**encoded).logits.float(), dim=-1)
-        return probs.cpu().numpy()
+        if len(premises) != len(hypotheses):
+            raise ValueError(f"NLI: {len(premises)} premises for {len(hypotheses)} hypotheses")
+        chunks = []
+        for start in range(0, len(premises), self.batch_size):
+            encoded = self.tokenizer(list(premises[start:start + self.batch_size]),
+                                     list(hypotheses[start:start + self.batch_size]),
+                                     return_tensors="pt", padding=True, truncation=True).to(self.model.device)
+            with torch.inference_mode():
+                chunks.append(torch.softmax(self.model(**encoded).logits.float(), dim=-1).cpu().numpy())
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)))
+
+    def entailment_probability(self, premises: Sequence[str], hypotheses: Sequence[str]) -> np.ndarray:
+        """P(entailment | premise, hypothesis) per pair, shape [n_pairs]."""
+        return self.probabilities(premises, hypotheses)[:, self.entail_index]
 
     def entails(self, premise: str, hypothesis: str) -> bool:
-        probs = self.probabilities([premise], [hypothesis])[0]
-        return int(probs.argmax()) == self.entail_index
+        """Whether entailment is the most probable class (Kuhn et al. 2023's rule)."""
+        return bool(self.entailment_matrix([premise, hypothesis])[0, 1])
+
+    def entailment_matrix(self, texts: Sequence[str]) -> np.ndarray:
+        """entails[i, j]: text i (premise) entails text j (hypothesis) by argmax; every ordered
+        pair in one batched pass, the diagonal True. Shape [K, K], bool."""
+        k = len(texts)
+        ordered = [(i, j) for i in range(k) for j in range(k) if i != j]
+        matrix = np.eye(k, dtype=bool)
+        if ordered:
+            probs = self.probabilities([texts[i] for i, _ in ordered], [texts[j] for _, j in ordered])
+            for (i, j), row in zip(ordered, probs):
+                matrix[i, j] = int(row.argmax()) == self.entail_index
+        return matrix
 
 
 def score_prompt(record: dict, cfg, embedder: Embedder, nli: NLIEntailment | None) -> dict:
@@ -258,7 +294,8 @@ def score_prompt(record: dict, cfg, embedder: Embedder, nli: NLIEntailment | Non
     if sem.equivalence == "nli":
         if nli is None:
             raise ValueError("score.semantic.equivalence is nli but score.nli_model is empty")
-        equivalent = bidirectional(lambda a, b: nli.entails(texts[a], texts[b]))
+        entails = nli.entailment_matrix(texts)
+        equivalent = bidirectional(lambda a, b: bool(entails[a, b]))
     else:
         similarity = cosine_matrix(embedder(texts))
         equivalent = lambda a, b: similarity[a, b] >= sem.threshold  # noqa: E731
@@ -290,16 +327,20 @@ def score_prompt(record: dict, cfg, embedder: Embedder, nli: NLIEntailment | Non
 
 
 def _selfcheck_nli(sentences: list[list[str]], texts: list[str], nli: NLIEntailment, aggregate: str) -> list[float]:
-    """SelfCheck-NLI variant: agreement(s, y_j) = P(y_j entails s)."""
+    """SelfCheckGPT-NLI (Manakul et al. 2023, Sec. 5.4) in this project's form: agreement(s, y_j)
+    = P(entailment | premise y_j, hypothesis s); support(s) = mean (or max) over the other K-1
+    samples, an empty one giving 0; u_fact(y_i) = 1 - mean_s support(s), 1 when y_i has no
+    sentence. Every (sample, sentence) pair of the prompt goes through the classifier in one
+    batched pass."""
     reducer = {"mean": np.mean, "max": np.max}[aggregate]
+    queries = [(j, s) for i, own in enumerate(sentences) for s in own for j in range(len(texts)) if j != i and texts[j]]
+    probability = dict(zip(queries, nli.entailment_probability([texts[j] for j, _ in queries], [s for _, s in queries])))
     scores = []
     for i, own in enumerate(sentences):
-        others = [texts[j] for j in range(len(texts)) if j != i]
         if not own:
             scores.append(1.0)
             continue
-        support = np.array([[nli.probabilities([o], [s])[0][nli.entail_index] if o else 0.0 for s in own]
-                            for o in others])
+        support = np.array([[probability.get((j, s), 0.0) for s in own] for j in range(len(texts)) if j != i])
         scores.append(float(1.0 - reducer(support, axis=0).mean()))
     return scores
 
@@ -320,7 +361,7 @@ def value_scores(records: list[dict], scorer: str, cfg, model_cfg, principles: d
         if task not in principles:
             raise ValueError(f"score.value.principles has no principle for task {task!r}")
         judge = cfg.judge or model_cfg.name_or_path
-        model, tokenizer = load_causal_lm(judge, model_cfg.dtype, runtime.device)
+        model, tokenizer = load_causal_lm(judge, model_cfg.dtype, runtime.device, shard=True)
         return p_yes(model, tokenizer, [judge_text(tokenizer, principles[task], p, t) for p, t in zip(prompts, texts)],
                      cfg.batch_size)
     raise ValueError(f"score.value.scorers: unknown scorer {scorer!r} (self_judge, harm_probe, vader)")
@@ -332,12 +373,16 @@ def score_samples(records: list[dict], score_cfg, model_cfg, runtime, principles
     from tqdm.auto import tqdm
 
     started = time.time()
-    embedder = Embedder(score_cfg.embedder)
-    nli = NLIEntailment(score_cfg.nli_model, "cpu") if score_cfg.nli_model else None
-    # One encode call over every response and sentence: per-prompt calls of a few texts each
-    # spend most of their time in call overhead, not in the model.
-    texts = [response["text"] for r in records for response in r["responses"]]
-    embedder([*texts, *(s for t in texts for s in split_sentences(t))])
+    # the sentence embedder is loaded only when a rule reads it (paper.yaml's NLI rules do not)
+    uses_embedder = ("embedding" in (score_cfg.semantic.equivalence, score_cfg.factual.agreement)
+                     or harm_probe is not None)
+    embedder = Embedder(score_cfg.embedder) if uses_embedder else None
+    nli = NLIEntailment(score_cfg.nli_model, runtime.device) if score_cfg.nli_model else None
+    if embedder is not None:
+        # One encode call over every response and sentence: per-prompt calls of a few texts each
+        # spend most of their time in call overhead, not in the model.
+        texts = [response["text"] for r in records for response in r["responses"]]
+        embedder([*texts, *(s for t in texts for s in split_sentences(t))])
     if harm_probe is not None:
         harm_probe.share_embedder(embedder.model, score_cfg.embedder, embedder.cache, embedder.max_seq_length)
     scored = [score_prompt(r, score_cfg, embedder, nli) for r in tqdm(records, desc="semantic+factual",

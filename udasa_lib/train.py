@@ -371,7 +371,7 @@ def train_variant(run, is_main_process: bool = True, world_size: int = 1) -> dic
             model = (load_pretrained(lambda source: PeftModel.from_pretrained(base, source, is_trainable=True),
                                      str(resume_from), "adapter") if resume_from else _new_adapter(base, cfg))
         on_policy, stage_reference = None, shared_reference
-        if cfg.train.on_policy and spec.staged and index > 0:
+        if cfg.train.on_policy_for(method) and spec.staged and index > 0:
             fresh, on_policy = resample_stage(run, model, tokenizer, stage_rows(rows, stage_name), spec, stage_name, index)
             atomic_write_jsonl(stage_dir.with_name(f"{stage_dir.name}_on_policy_pairs.jsonl"), fresh)
             records = training_records(fresh, spec, smoothing_for(fresh, spec, cfg.train.ual))
