@@ -220,3 +220,12 @@ def test_a_judge_is_sharded_over_several_gpus_and_a_policy_is_not(monkeypatch, t
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     single, _ = models.load_causal_lm(str(tiny_model_path), "bfloat16", "cuda", shard=True)
     assert "device_map" not in single.kwargs and single.moved_to == torch.device("cuda", 0)
+
+
+def test_the_chain_part_without_data_assets_or_a_carried_00_data_says_what_to_carry(tmp_path, monkeypatch):
+    from udasa_lib import assets
+
+    monkeypatch.setattr(assets, "assets_dir", lambda: tmp_path / "no-assets")
+    with pytest.raises(gpu_check.PartSkipped, match="make gpu-wheels.*carry"):
+        gpu_check.chain("cpu", gpu_check.SETTINGS["cpu"], "04_train", tmp_path / "chain_results")
+    assert not (tmp_path / "chain_results" / ".stages").exists()  # nothing was started

@@ -204,6 +204,13 @@ def chain(device_name: str, settings: dict, through: str, results: Path) -> dict
     os.environ["UDASA_RESULTS"] = str(results)
     started = time.time()
     try:
+        from udasa_lib.assets import assets_dir
+
+        cfg = config_mod.resolve(SMOKE_CONFIG, overrides)
+        if not (pipeline.stage_dir(cfg, "00_data") / pipeline.MANIFEST).exists() and not (assets_dir() / "pyrit").exists():
+            raise PartSkipped(f"paper_smoke's 00_data is not in {results} and its data assets are not here: run "
+                              f"`make gpu-wheels` on a machine with them (it runs 00_data) and carry "
+                              f"{os.path.relpath(results / '.stages' / '00_data', REPO_ROOT)}")
         runs = pipeline.run_through(through, SMOKE_CONFIG, overrides)
         stages = []
         for run in runs:
@@ -211,7 +218,6 @@ def chain(device_name: str, settings: dict, through: str, results: Path) -> dict
             pipeline.verified_products(run.dir, run.name, run.variant)  # raises StageError if a product changed
             stages.append({"stage": run.name, "variant": run.variant, "key": run.key,
                            "wall_time_s": manifest.get("wall_time_s"), "verified": True})
-        cfg = config_mod.resolve(SMOKE_CONFIG, overrides)
     finally:
         if previous is None:
             os.environ.pop("UDASA_RESULTS", None)
