@@ -137,9 +137,11 @@ bench: $(VENV_STAMP) assets ## speed benchmarks on CONFIG; results in results/be
 # on that python; README "A bigger model on a GPU" gives the whole command and what to carry.
 DEVICE ?= cuda
 GPU_CHECK_OUT ?= results/gpu_check
+GPU_CHECK_ARGS ?=
 GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
-gpu-check: ## paper.yaml's path on one GPU: paper_smoke chain, 1B/8B throughput, estimate (DEVICE=cpu: tiny shapes)
-	$(GPU_PY) -m udasa_lib.gpu_check --device $(call shquote,$(value DEVICE)) --out $(call shquote,$(value GPU_CHECK_OUT))
+gpu-check: ## paper.yaml's path on one GPU: 1B/8B throughput, estimate, paper_smoke chain (DEVICE=cpu: tiny shapes)
+	$(GPU_PY) -m udasa_lib.gpu_check --device $(call shquote,$(value DEVICE)) --out $(call shquote,$(value GPU_CHECK_OUT)) \
+		$(foreach a,$(value GPU_CHECK_ARGS),$(call shquote,$(a)))
 
 gpu-wheels: $(VENV_STAMP) assets ## wheels gpu-check needs on a GPU machine (.gpu-wheels/), and paper_smoke's 00_data made here
 	@mkdir -p .gpu-wheels

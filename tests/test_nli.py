@@ -68,9 +68,32 @@ def test_the_label_mapping_is_read_from_the_model_config(nli):
 
 def test_the_hand_built_rule_holds_batched_and_padded(nli):
     # pairs of very different lengths in one batch: padding must not move the pooled token
-    premises = ["x", "a much longer premise with many words in it", "y", ""]
+    premises = ["x", "a much longer premise with many words in it", "y", "z"]
     hypotheses = ["Dogs bark.", "It rains", "one two three four five six seven.", "Birds sing"]
     np.testing.assert_allclose(nli.entailment_probability(premises, hypotheses), [P_YES, P_NO, P_YES, P_NO], atol=1e-4)
+
+
+def test_empty_texts_are_decided_without_the_model(nli):
+    # a decoder tokenizer encodes ("", "") to no tokens at all: the model is never asked
+    np.testing.assert_allclose(nli.entailment_probability(["", "", "x", " "], ["", "A cat sat.", "", "It rains"]),
+                               [1.0, 0.0, 0.0, 0.0])
+    assert nli.entailment_matrix(["", "", "A cat sat."]).tolist() == [[True, True, False], [True, True, False],
+                                                                      [False, False, True]]
+    assert nli.probabilities(["", "x"], ["y", ""]).sum(axis=1).tolist() == [1.0, 1.0]
+
+
+def test_the_classifier_pads_with_the_id_its_config_names(tmp_path, tiny_model_path):
+    import json
+
+    folder = _build(tmp_path, tiny_model_path, MNLI_LABELS)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["pad_token_id"] = 0  # not the tokenizer's pad token: pooling finds the last non-pad by this id
+    (folder / "config.json").write_text(json.dumps(cfg))
+    loaded = score.NLIEntailment(str(folder))
+    assert loaded.tokenizer.pad_token_id == 0
+    assert loaded.max_length == cfg["max_position_embeddings"]
+    np.testing.assert_allclose(loaded.entailment_probability(["x", "a much longer premise"], ["A cat sat.", "It rains"]),
+                               [P_YES, P_NO], atol=1e-4)
 
 
 def test_equivalence_needs_entailment_in_both_directions(nli):

@@ -344,14 +344,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        reasons = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} matches none of {[_type_name(o) for o in options]}")
+            except ConfigError as error:
+                reasons.append(str(error))
+        raise ConfigError(f"{key}: {value!r} matches none of {[_type_name(o) for o in options]} ({'; '.join(reasons)})")
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")

@@ -143,19 +143,40 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left"):
     return tokenizer
 
 
+def weights_fit_one_gpu(name_or_path: str, dtype, device) -> bool:
+    """Whether the model's weights in `dtype` take under 90 % of `device`'s free memory, counted
+    from its config on the meta device (nothing is loaded)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = load_pretrained(AutoConfig.from_pretrained, name_or_path, "model config")
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config)
+    empty.tie_weights()  # not tied on the meta device until asked: a tied head would count twice
+    size = sum(p.numel() for p in empty.parameters()) * torch.finfo(dtype).bits // 8
+    free, _ = torch.cuda.mem_get_info(device)
+    return size < 0.9 * free
+
+
 def load_causal_lm(name_or_path: str, dtype: str = "auto", device: str = "auto", shard: bool = False):
     """Return (model in eval mode on its device, tokenizer).
 
-    `shard=True` (the judges: paper.yaml names a 72B one, about 145 GB in bf16, more than one GPU
-    holds) spreads the layers over every visible GPU with accelerate's device_map="auto" when
-    the device is CUDA and more than one GPU is visible; otherwise the model goes to `device`.
+    `shard=True` (the judges: paper.yaml names a 72B one, about 135 GiB in bf16, which one GPU
+    cannot hold with room to run) spreads the layers over every visible GPU with accelerate's
+    device_map="auto", but only where it is needed: on CUDA, with more than one GPU visible, in
+    a process that is not one rank of several (WORLD_SIZE; each rank would spread its own copy
+    over all GPUs), and when the weights do not fit `device` (weights_fit_one_gpu). Otherwise
+    the model goes to `device`, as every policy does.
     Raises ModelLoadError (load_pretrained) when the model or its tokenizer cannot be loaded."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if shard and torch_device.type == "cuda" and torch.cuda.device_count() > 1:
+    if (shard and torch_device.type == "cuda" and torch.cuda.device_count() > 1
+            and int(os.environ.get("WORLD_SIZE", "1")) == 1
+            and not weights_fit_one_gpu(name_or_path, torch_dtype, torch_device)):
         model = load_pretrained(lambda source: AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, device_map="auto"), name_or_path, "causal LM")
     else:

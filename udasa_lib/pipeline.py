@@ -292,9 +292,11 @@ def _check_variant(config: config_mod.Config, stage: str, variant: str) -> None:
         raise StageError(f"{stage}: unknown variant {variant!r}; this config has {', '.join(known)}")
 
 
-def _stage_params(config: config_mod.Config, stage: str) -> dict[str, Any]:
+def _stage_params(config: config_mod.Config, stage: str, variant: str = "") -> dict[str, Any]:
     """The config sections a stage reads, without its variant lists: adding a method to
-    train.methods must not retrain the methods already there."""
+    train.methods must not retrain the methods already there. For one training variant,
+    train.on_policy is reduced to whether that method runs on-policy rounds, for the same reason
+    (and so that `[]` and `false` are one key)."""
     spec = STAGES[stage]
     params = {s: _as_plain(config.section(s)) for s in spec.sections}
     for dotted in spec.variants:
@@ -303,6 +305,8 @@ def _stage_params(config: config_mod.Config, stage: str) -> dict[str, Any]:
         for part in rest[:-1]:
             node = node[part]
         node.pop(rest[-1], None)
+    if variant and "train" in params:
+        params["train"]["on_policy"] = config.train.on_policy_for(variant.split("/")[-1])
     return params
 
 
@@ -314,7 +318,7 @@ def stage_key(config: config_mod.Config, stage: str, variant: str = "") -> str:
     payload = {
         "stage": stage,
         **({"variant": variant} if variant else {}),
-        "params": _stage_params(config, stage),
+        "params": _stage_params(config, stage, variant),
         "upstream": {u: products_fingerprint(config, u) for u in spec.upstream},
         "code": {f: _code_fingerprint(f) for f in spec.code},
         "inputs": {f: sha256_file(REPO_ROOT / f) for f in spec.inputs},
@@ -417,7 +421,7 @@ class StageRun:
         atomic_write_json(path, {**current, **entries})
 
     def params(self) -> dict[str, Any]:
-        return _stage_params(self.config, self.name)
+        return _stage_params(self.config, self.name, self.variant)
 
 
 def run_name_for(config_path: Path | str, run_name: str | None = None) -> str:

@@ -220,46 +220,70 @@ class NLIEntailment:
 
     The label order is read from the model's config, never assumed: microsoft/deberta-large-mnli
     puts ENTAILMENT at index 2, other MNLI models at 0. A pair is (premise, hypothesis), encoded as
-    the tokenizer's own text pair. Raises ModelLoadError (models.load_pretrained) when the model
-    cannot be loaded and ValueError when no label starts with 'entail'."""
+    the tokenizer's own text pair: an encoder's tokenizer adds its separators ([CLS] p [SEP] h
+    [SEP]); a decoder-style classifier's (the tiny test model's) joins the texts as they are, so a
+    real decoder NLI model would need its own template. Weights in float32 on any device, as
+    Kuhn et al. ran it: argmax decisions near a tie could flip in bf16. An empty text is decided
+    without the model (empty entails empty and nothing else). Raises ModelLoadError
+    (models.load_pretrained) when the model cannot be loaded and ValueError when no label starts
+    with 'entail'."""
 
     batch_size = 64  # pairs per forward pass
 
     def __init__(self, name_or_path: str, device: str = "cpu"):
+        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from udasa_lib.models import load_pretrained, resolve_device, resolve_dtype
+        from udasa_lib.models import load_pretrained, resolve_device
 
         torch_device = resolve_device(device)
         self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_path, "NLI tokenizer")
-        if self.tokenizer.pad_token is None:  # decoder-style classifiers ship without one
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = load_pretrained(
-            lambda source: AutoModelForSequenceClassification.from_pretrained(
-                source, dtype=resolve_dtype("auto", torch_device)),
+            lambda source: AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32),
             name_or_path, "NLI classifier").to(torch_device).eval()
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.labels = {int(i): str(label).lower() for i, label in self.model.config.id2label.items()}
+        config = self.model.config
+        # a classifier that pools the last non-pad token must pad with the id its config names
+        if config.pad_token_id is not None:
+            self.tokenizer.pad_token_id = config.pad_token_id
+        elif self.tokenizer.pad_token is not None:
+            config.pad_token_id = self.tokenizer.pad_token_id
+        else:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+            config.pad_token_id = self.tokenizer.pad_token_id
+        self.max_length = min(self.tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)
+                              or self.tokenizer.model_max_length)
+        self.labels = {int(i): str(label).lower() for i, label in config.id2label.items()}
         entail = [i for i, label in sorted(self.labels.items()) if label.startswith("entail")]
         if not entail:
             raise ValueError(f"NLI model {name_or_path}: no entailment label among {self.labels} (config id2label)")
         self.entail_index = entail[0]
 
     def probabilities(self, premises: Sequence[str], hypotheses: Sequence[str]) -> np.ndarray:
-        """Class probabilities, shape [n_pairs, n_labels] in the config's label order."""
+        """Class probabilities, shape [n_pairs, n_labels] in the config's label order. A pair with
+        an empty side gets probability 1 on entailment if both sides are empty, else 0 on it
+        (spread over the other labels)."""
         import torch
 
         if len(premises) != len(hypotheses):
             raise ValueError(f"NLI: {len(premises)} premises for {len(hypotheses)} hypotheses")
-        chunks = []
-        for start in range(0, len(premises), self.batch_size):
-            encoded = self.tokenizer(list(premises[start:start + self.batch_size]),
-                                     list(hypotheses[start:start + self.batch_size]),
-                                     return_tensors="pt", padding=True, truncation=True).to(self.model.device)
+        n_labels = len(self.labels)
+        probs = np.zeros((len(premises), n_labels))
+        empty = [i for i, (p, h) in enumerate(zip(premises, hypotheses)) if not p.strip() or not h.strip()]
+        for i in empty:
+            if not premises[i].strip() and not hypotheses[i].strip():
+                probs[i, self.entail_index] = 1.0
+            else:
+                probs[i] = 1.0 / (n_labels - 1)
+                probs[i, self.entail_index] = 0.0
+        skipped = set(empty)
+        todo = [i for i in range(len(premises)) if i not in skipped]
+        for start in range(0, len(todo), self.batch_size):
+            rows = todo[start:start + self.batch_size]
+            encoded = self.tokenizer([premises[i] for i in rows], [hypotheses[i] for i in rows], return_tensors="pt",
+                                     padding=True, truncation=True, max_length=self.max_length).to(self.model.device)
             with torch.inference_mode():
-                chunks.append(torch.softmax(self.model(**encoded).logits.float(), dim=-1).cpu().numpy())
-        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)))
+                probs[rows] = torch.softmax(self.model(**encoded).logits.float(), dim=-1).cpu().numpy()
+        return probs
 
     def entailment_probability(self, premises: Sequence[str], hypotheses: Sequence[str]) -> np.ndarray:
         """P(entailment | premise, hypothesis) per pair, shape [n_pairs]."""
