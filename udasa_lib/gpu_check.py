@@ -27,6 +27,7 @@ tiny Llama and small lengths, so that every part and every field runs on a lapto
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import os
 import platform
@@ -240,7 +241,8 @@ def chain(device_name: str, settings: dict, through: str, results: Path) -> dict
             pipeline.verified_products(run.dir, run.name, run.variant)  # raises StageError if a product changed
             # runtime is in no stage key: a stage done earlier (carried 00_data, a rerun) was not
             # necessarily computed on this device
-            ran_here = (run.dir / pipeline.MANIFEST).stat().st_mtime >= started
+            finished = calendar.timegm(time.strptime(manifest["finished_at"], "%Y-%m-%dT%H:%M:%SZ"))
+            ran_here = finished >= int(started)  # a reused stage's manifest is touched, so not its mtime
             stages.append({"stage": run.name, "variant": run.variant, "key": run.key,
                            "wall_time_s": manifest.get("wall_time_s"), "verified": True, "ran_in_this_part": ran_here})
     finally:
