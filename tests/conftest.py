@@ -28,14 +28,10 @@ def results_root(tmp_path, monkeypatch) -> Path:
 def shared_results(tmp_path_factory):
     """One results folder for the session: stage folders are content-addressed, so tests that
     run the same stage with the same config share it instead of recomputing it."""
-    root = tmp_path_factory.mktemp("shared-results")
-    previous = os.environ.get("UDASA_RESULTS")
-    os.environ["UDASA_RESULTS"] = str(root)
-    yield root
-    if previous is None:
-        os.environ.pop("UDASA_RESULTS", None)
-    else:
-        os.environ["UDASA_RESULTS"] = previous
+    from udasa_lib.pipeline import results_root_at
+
+    with results_root_at(tmp_path_factory.mktemp("shared-results")) as root:
+        yield root
 
 
 @pytest.fixture(scope="session")

@@ -190,12 +190,8 @@ def two_chains(shared_results, tmp_path_factory, request):
                 if not link.exists():
                     link.parent.mkdir(parents=True, exist_ok=True)
                     link.symlink_to(store, target_is_directory=True)
-        previous = os.environ["UDASA_RESULTS"]
-        os.environ["UDASA_RESULTS"] = str(report_root)
-        try:
+        with pipeline.results_root_at(report_root):
             pipeline.run_stage("07_report", SMOKE_CONFIG)
-        finally:
-            os.environ["UDASA_RESULTS"] = previous
         returncode = elsewhere.wait()
     finally:
         if elsewhere.poll() is None:

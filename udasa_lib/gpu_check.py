@@ -93,18 +93,22 @@ class PartSkipped(RuntimeError):
     """A part cannot run here; the message says what is missing and how to get it."""
 
 
-def missing_modules(modules: tuple[str, ...]) -> list[str]:
-    """The modules that cannot be imported here (absent, or broken by a missing or too old
-    dependency), in order. Importing them is the only check that catches the second kind."""
+def import_errors(modules: tuple[str, ...]) -> dict[str, str]:
+    """{module: why it cannot be imported here} (absent, or broken by a missing or too old
+    dependency). Importing is the only check that catches the second kind."""
     import importlib
 
-    missing = []
+    errors = {}
     for module in modules:
         try:
             importlib.import_module(module)
-        except Exception:  # any failure to import makes the part unrunnable
-            missing.append(module)
-    return missing
+        except Exception as error:  # any failure to import makes the part unrunnable
+            errors[module] = f"{type(error).__name__}: {error}"[:300]
+    return errors
+
+
+def missing_modules(modules: tuple[str, ...]) -> list[str]:
+    return list(import_errors(modules))
 
 
 def _missing_message(part: str, missing: list[str]) -> str:
@@ -186,22 +190,13 @@ def random_llama(shape: str, device, dtype):
 
 
 def environment(device_name: str, settings: dict) -> dict:
-    import importlib
-
     import torch
 
     device = _device(device_name)
     modules = sorted({m for needs in NEEDS.values() for m in needs} | set(NEEDS_AFTER_TRAINING))
-    import_errors = {}
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except Exception as error:
-            import_errors[PIP_NAMES.get(module, module)] = f"{type(error).__name__}: {error}"[:300]
-    missing = {part: [PIP_NAMES.get(m, m) for m in needs if PIP_NAMES.get(m, m) in import_errors]
-               for part, needs in NEEDS.items()}
-    missing["chain_after_04_train"] = [PIP_NAMES.get(m, m) for m in NEEDS_AFTER_TRAINING
-                                       if PIP_NAMES.get(m, m) in import_errors]
+    errors = import_errors(tuple(modules))
+    missing = {part: [PIP_NAMES.get(m, m) for m in needs if m in errors] for part, needs in NEEDS.items()}
+    missing["chain_after_04_train"] = [PIP_NAMES.get(m, m) for m in NEEDS_AFTER_TRAINING if m in errors]
     return {
         "python": sys.version.split()[0], "platform": platform.platform(),
         "packages": {PIP_NAMES.get(m, m): _version(m) for m in modules},
@@ -209,7 +204,7 @@ def environment(device_name: str, settings: dict) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "device_memory_gib": (round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
                               if device.type == "cuda" else None),
-        "missing": missing, "import_errors": import_errors,
+        "missing": missing, "import_errors": {PIP_NAMES.get(m, m): e for m, e in errors.items()},
     }
 
 
@@ -223,10 +218,8 @@ def chain(device_name: str, settings: dict, through: str, results: Path) -> dict
 
     overrides = {"runtime.device": device_name, "model.dtype": "auto",
                  **({"train.methods": settings["chain_methods"]} if settings["chain_methods"] else {})}
-    previous = os.environ.get("UDASA_RESULTS")
-    os.environ["UDASA_RESULTS"] = str(results)
     started = time.time()
-    try:
+    with pipeline.results_root_at(results):
         from udasa_lib.assets import assets_dir
 
         cfg = config_mod.resolve(SMOKE_CONFIG, overrides)
@@ -234,22 +227,16 @@ def chain(device_name: str, settings: dict, through: str, results: Path) -> dict
             raise PartSkipped(f"paper_smoke's 00_data is not in {results} and its data assets are not here: run "
                               f"`make gpu-wheels` on a machine with them (it runs 00_data) and carry "
                               f"{os.path.relpath(results / '.stages' / '00_data', REPO_ROOT)}")
+        # run_through verified every stage it reused and wrote the manifest of every stage it ran
         runs = pipeline.run_through(through, SMOKE_CONFIG, overrides)
         stages = []
         for run in runs:
             manifest = pipeline.read_manifest(run.dir, run.name, run.variant)
-            pipeline.verified_products(run.dir, run.name, run.variant)  # raises StageError if a product changed
             # runtime is in no stage key: a stage done earlier (carried 00_data, a rerun) was not
-            # necessarily computed on this device
+            # necessarily computed on this device. A reused manifest is touched, so not its mtime
             finished = calendar.timegm(time.strptime(manifest["finished_at"], "%Y-%m-%dT%H:%M:%SZ"))
-            ran_here = finished >= int(started)  # a reused stage's manifest is touched, so not its mtime
             stages.append({"stage": run.name, "variant": run.variant, "key": run.key,
-                           "wall_time_s": manifest.get("wall_time_s"), "verified": True, "ran_in_this_part": ran_here})
-    finally:
-        if previous is None:
-            os.environ.pop("UDASA_RESULTS", None)
-        else:
-            os.environ["UDASA_RESULTS"] = previous
+                           "wall_time_s": manifest.get("wall_time_s"), "ran_in_this_part": finished >= int(started)})
     device = _device(device_name)
     from udasa_lib.models import resolve_dtype
 
@@ -426,15 +413,8 @@ def prepare(out: Path) -> list[str]:
     from udasa_lib import pipeline
 
     results = chain_root(out, "cuda")
-    previous = os.environ.get("UDASA_RESULTS")
-    os.environ["UDASA_RESULTS"] = str(results)
-    try:
+    with pipeline.results_root_at(results):
         pipeline.run_stage("00_data", SMOKE_CONFIG)
-    finally:
-        if previous is None:
-            os.environ.pop("UDASA_RESULTS", None)
-        else:
-            os.environ["UDASA_RESULTS"] = previous
     stages = results / ".stages" / "00_data"
     return [*CARRY, os.path.relpath(stages, REPO_ROOT)]
 

@@ -236,6 +236,21 @@ def results_root() -> Path:
     return Path(os.environ.get("UDASA_RESULTS", REPO_ROOT / "results")).resolve()
 
 
+@contextlib.contextmanager
+def results_root_at(root: Path | str) -> Iterator[Path]:
+    """results_root() is `root` inside the block (UDASA_RESULTS, so subprocesses see it too), and
+    what it was before afterwards."""
+    previous = os.environ.get("UDASA_RESULTS")
+    os.environ["UDASA_RESULTS"] = str(root)
+    try:
+        yield Path(root)
+    finally:
+        if previous is None:
+            os.environ.pop("UDASA_RESULTS", None)
+        else:
+            os.environ["UDASA_RESULTS"] = previous
+
+
 def _code_fingerprint(relpath: str) -> str:
     path = REPO_ROOT / relpath
     if not path.exists():

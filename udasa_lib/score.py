@@ -291,19 +291,22 @@ class NLIEntailment:
 
     def entails(self, premise: str, hypothesis: str) -> bool:
         """Whether entailment is the most probable class (Kuhn et al. 2023's rule)."""
-        return bool(self.entailment_matrix([premise, hypothesis])[0, 1])
+        return bool(self._is_entailment(self.probabilities([premise], [hypothesis]))[0])
 
     def entailment_matrix(self, texts: Sequence[str]) -> np.ndarray:
-        """entails[i, j]: text i (premise) entails text j (hypothesis) by argmax; every ordered
-        pair in one batched pass, the diagonal True. Shape [K, K], bool."""
+        """entails[i, j]: text i (premise) entails text j (hypothesis) by `entails`' rule; every
+        ordered pair in one batched pass, the diagonal True. Shape [K, K], bool."""
         k = len(texts)
         ordered = [(i, j) for i in range(k) for j in range(k) if i != j]
         matrix = np.eye(k, dtype=bool)
         if ordered:
-            probs = self.probabilities([texts[i] for i, _ in ordered], [texts[j] for _, j in ordered])
-            for (i, j), row in zip(ordered, probs):
-                matrix[i, j] = int(row.argmax()) == self.entail_index
+            rows, cols = zip(*ordered)
+            matrix[list(rows), list(cols)] = self._is_entailment(
+                self.probabilities([texts[i] for i in rows], [texts[j] for j in cols]))
         return matrix
+
+    def _is_entailment(self, probabilities: np.ndarray) -> np.ndarray:
+        return probabilities.argmax(axis=1) == self.entail_index
 
 
 def score_prompt(record: dict, cfg, embedder: Embedder, nli: NLIEntailment | None) -> dict:
